@@ -1,0 +1,40 @@
+"""Image conversions between MNIST bytes and the models' range, and sample grids.
+
+MNIST lives as uint8 tensors (N, 28, 28). The models see float32 (N, 1, 28, 28) scaled to
+[-1, 1], as in Ho et al. (2020), section 3.3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid
+
+from diffusion.io import atomic_path
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1]."""
+    return images.unsqueeze(1).float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (N, 1, 28, 28) in [-1, 1] -> uint8 (N, 28, 28), clipped and rounded."""
+    return ((x.squeeze(1).float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def grid_image(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> one uint8 (H, W) image of the N digits on a grid."""
+    n = images.shape[0]
+    nrow = nrow or max(1, round(n ** 0.5))
+    grid = make_grid(images.unsqueeze(1).cpu(), nrow=nrow, padding=padding, pad_value=255)
+    return grid[0]
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """Write uint8 (N, 28, 28) images as one PNG grid, atomically."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid_image(images, nrow).numpy(), mode="L").save(tmp, format="PNG")

@@ -1,0 +1,138 @@
+"""Noise processes: the one place where DDPM and DDGM differ.
+
+Both models share the forward corruption of Ho et al. (2020), eq. 4,
+
+    x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps,
+
+with a linear beta schedule, and both train the network to predict eps. They differ only in
+the distribution of the standardised noise eps (mean 0, variance 1):
+
+- ``GaussianProcess`` (DDPM, Ho et al. 2020): eps ~ N(0, I).
+- ``GammaProcess`` (DDGM, Nachmani, San Roman and Wolf 2021, section 3): with
+  theta_t = sqrt(alpha_bar_t) * theta_0, k_t = beta_t / (alpha_bar_t * theta_0^2) and
+  k_bar_t = sum_{i<=t} k_i, the noise is the centred Gamma variable
+  g_bar_t - k_bar_t * theta_t, g_bar_t ~ Gamma(shape k_bar_t, scale theta_t), scaled by
+  1 / sqrt(1 - alpha_bar_t). Because k_bar_t * theta_t^2 = 1 - alpha_bar_t, this equals
+  (G - k_bar_t) / sqrt(k_bar_t) with G ~ Gamma(k_bar_t, 1): unit variance, skewness
+  2 / sqrt(k_bar_t).
+
+The samplers also draw their reverse-step noise through ``noise``: Gaussian noise for DDPM,
+and for DDGM the standardised Gamma noise of the timestep being stepped to (the paper's
+Algorithm 2). Timesteps run from 1 to n_T; index 0 of every schedule array is t = 0 (clean).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class NoiseProcess:
+    """A diffusion process with a linear beta schedule over ``n_T`` steps.
+
+    Subclasses define only ``noise``. Schedules are float64 tensors indexed by t = 0..n_T.
+    """
+
+    name: str = ""
+
+    def __init__(self, betas: tuple[float, float], n_T: int) -> None:
+        beta_1, beta_T = betas
+        self.n_T = int(n_T)
+        self.beta_range = (float(beta_1), float(beta_T))
+        beta = torch.zeros(self.n_T + 1, dtype=torch.float64)
+        # Ho et al. (2020), section 4: beta_t linear from beta_1 to beta_T.
+        beta[1:] = torch.linspace(beta_1, beta_T, self.n_T, dtype=torch.float64)
+        self.beta = beta
+        self.alpha = 1.0 - beta
+        self.alpha_bar = torch.cumprod(self.alpha, dim=0)  # alpha_bar_0 = 1
+
+    # --- the part that differs between processes -------------------------------------------
+    def noise(self, t: torch.Tensor, shape: torch.Size | tuple[int, ...], *,
+              device: torch.device | str = "cpu",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standardised noise eps (mean 0, variance 1) for timesteps ``t`` (one per batch row)."""
+        raise NotImplementedError
+
+    # --- shared maths --------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Forward corruption x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho eq. 4)."""
+        alpha_bar = self.alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+        return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * eps
+
+    def training_target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """What the network learns to predict: the noise eps (Ho eq. 14; DDGM Algorithm 1)."""
+        return eps
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Invert eq. 4 for x0 given a noise estimate: the one-step estimate of the clean image."""
+        alpha_bar = self.alpha_bar.to(x_t.device)[t].to(x_t.dtype).view(-1, *[1] * (x_t.dim() - 1))
+        return (x_t - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+    def prior(self, shape: tuple[int, ...], *, device: torch.device | str = "cpu",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_T drawn from the forward marginal with x0 = 0: sqrt(1 - alpha_bar_T) eps_T.
+
+        For DDGM this is the centred Gamma(k_bar_T, theta_T) start of Algorithm 2; for DDPM it is
+        N(0, (1 - alpha_bar_T) I), within 3e-5 of Ho's N(0, I) for the default schedule.
+        """
+        t = torch.full((shape[0],), self.n_T, dtype=torch.long, device=device)
+        scale = float((1.0 - self.alpha_bar[self.n_T]).sqrt())
+        return scale * self.noise(t, shape, device=device, generator=generator)
+
+    def config(self) -> dict:
+        """Plain values that rebuild this process with ``make_process``."""
+        return {"process": self.name, "betas": list(self.beta_range), "n_T": self.n_T}
+
+
+class GaussianProcess(NoiseProcess):
+    """DDPM: eps ~ N(0, I)."""
+
+    name = "gaussian"
+
+    def noise(self, t, shape, *, device="cpu", generator=None):
+        return torch.randn(shape, device=device, generator=generator)
+
+
+class GammaProcess(NoiseProcess):
+    """DDGM: eps = (G - k_bar_t) / sqrt(k_bar_t), G ~ Gamma(k_bar_t, 1) (Nachmani et al. 2021)."""
+
+    name = "gamma"
+
+    def __init__(self, betas: tuple[float, float], n_T: int, theta_0: float) -> None:
+        super().__init__(betas, n_T)
+        self.theta_0 = float(theta_0)
+        # DDGM section 3: k_t = beta_t / (alpha_bar_t theta_0^2), theta_t = sqrt(alpha_bar_t) theta_0.
+        k = self.beta / (self.alpha_bar * self.theta_0 ** 2)
+        self.k_bar = torch.cumsum(k, dim=0)  # k_bar_0 = 0: no noise at t = 0
+        self.theta = self.alpha_bar.sqrt() * self.theta_0
+
+    def noise(self, t, shape, *, device="cpu", generator=None):
+        # k_bar_T reaches ~2.5e10 for theta_0 = 1e-3: in float32 the mean subtraction G - k_bar
+        # would quantise eps to steps of ~0.015 std. In float64 the draw and the subtraction keep
+        # ~1e-11 resolution, so eps is exact for float32 use. Drawn on the target device: no
+        # host round trip.
+        k_bar = self.k_bar.to(device)[t].view(-1, *[1] * (len(shape) - 1)).expand(shape)
+        k_bar = torch.where(k_bar > 0, k_bar, torch.ones_like(k_bar))  # t = 0 has no noise
+        gamma = torch._standard_gamma(k_bar.contiguous(), generator=generator)
+        return ((gamma - k_bar) / k_bar.sqrt()).to(torch.float32)
+
+    def config(self) -> dict:
+        return {**super().config(), "theta_0": self.theta_0}
+
+
+def make_process(config: dict) -> NoiseProcess:
+    """Build a process from ``NoiseProcess.config()`` output."""
+    kind = config["process"]
+    if kind == "gaussian":
+        return GaussianProcess(tuple(config["betas"]), config["n_T"])
+    if kind == "gamma":
+        return GammaProcess(tuple(config["betas"]), config["n_T"], config["theta_0"])
+    raise ValueError(f"unknown noise process {kind!r}: allowed are 'gaussian', 'gamma'")
+
+
+def process_for_model(model: str, section: dict) -> NoiseProcess:
+    """The process of a model name (``ddpm`` or ``ddgm``) from its params.yaml section."""
+    if model == "ddpm":
+        return GaussianProcess(tuple(section["betas"]), section["n_T"])
+    if model == "ddgm":
+        return GammaProcess(tuple(section["betas"]), section["n_T"], section["theta_0"])
+    raise ValueError(f"unknown model {model!r}: allowed are 'ddpm', 'ddgm'")

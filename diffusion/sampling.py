@@ -1,0 +1,121 @@
+"""Samplers: ancestral (Ho et al. 2020, Algorithm 2) and DDIM (Song et al. 2021, eq. 12), for any
+noise process and any number of steps.
+
+Every sampler here is one update on an evenly spaced sub-sequence tau_1 < ... < tau_S = n_T of
+timesteps (tau_0 = 0 is the clean image):
+
+    x_{tau_{i-1}} = a_i x_{tau_i} + b_i eps_theta(x_{tau_i}, tau_i) + c_i z_i,
+
+where z_i = process.noise(tau_{i-1}) is the process's standardised noise: Gaussian for DDPM, the
+centred, scaled Gamma noise of index tau_{i-1} for DDGM (DDGM paper, Algorithms 2 and 4). The
+samplers differ only in the coefficient tables (a, b, c), computed in float64:
+
+- ancestral, on the respaced schedule beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}}
+  (Nichol and Dhariwal 2021, section 4): a = 1/sqrt(alpha'_i),
+  b = -beta'_i / (sqrt(alpha'_i) sqrt(1 - alpha_bar_{tau_i})), c = sqrt(beta'_i) (sigma^2 = beta,
+  Ho et al. section 3.2), and no noise on the last step. With S = n_T this is Ho's Algorithm 2.
+- DDIM with eta: x_prev = sqrt(alpha_bar_prev) x0_hat + c1 z + c2 eps_hat, where
+  x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t),
+  c1 = eta sqrt((1 - alpha_bar_t/alpha_bar_prev)(1 - alpha_bar_prev)/(1 - alpha_bar_t)) and
+  c2 = sqrt(1 - alpha_bar_prev - c1^2). eta = 0 is deterministic; eta = 1 has the posterior
+  variance beta_tilde.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffusion.process import NoiseProcess
+
+SAMPLERS = ("ancestral", "ddim")
+
+
+def timestep_sequence(n_T: int, steps: int) -> list[int]:
+    """``steps`` evenly spaced timesteps from 1 to n_T (both included when steps > 1), ascending."""
+    if not 1 <= steps <= n_T:
+        raise ValueError(f"steps = {steps} is not allowed: must be between 1 and n_T = {n_T}")
+    if steps == 1:
+        return [n_T]
+    # Spacing (n_T - 1)/(steps - 1) >= 1, so the rounded values stay strictly increasing.
+    return torch.linspace(1, n_T, steps, dtype=torch.float64).round().long().tolist()
+
+
+@dataclass
+class SamplerPlan:
+    """The update coefficients of one sampler run, from tau_S = n_T down to tau_1."""
+
+    timesteps: list[int]       # tau_i for each update, descending
+    previous: list[int]        # tau_{i-1} for each update (0 on the last)
+    a: torch.Tensor            # float64, one per update
+    b: torch.Tensor
+    c: torch.Tensor
+
+
+def plan(process: NoiseProcess, steps: int, sampler: str = "ancestral", eta: float = 1.0) -> SamplerPlan:
+    """Coefficient tables of ``sampler`` on ``steps`` evenly spaced timesteps of ``process``."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: allowed are {', '.join(SAMPLERS)}")
+    taus = timestep_sequence(process.n_T, steps)
+    current = torch.tensor(taus[::-1])
+    previous = torch.tensor(([0] + taus[:-1])[::-1])
+    ab_t = process.alpha_bar[current]
+    ab_prev = process.alpha_bar[previous]
+    if sampler == "ancestral":
+        beta = 1.0 - ab_t / ab_prev
+        alpha = 1.0 - beta
+        a = 1.0 / alpha.sqrt()
+        b = -beta / (alpha.sqrt() * (1.0 - ab_t).sqrt())
+        c = torch.where(previous > 0, beta.sqrt(), torch.zeros_like(beta))
+    else:
+        c = eta * ((1.0 - ab_t / ab_prev) * (1.0 - ab_prev) / (1.0 - ab_t)).sqrt()
+        c2 = (1.0 - ab_prev - c ** 2).clamp(min=0.0).sqrt()
+        a = (ab_prev / ab_t).sqrt()
+        b = c2 - (ab_prev * (1.0 - ab_t) / ab_t).sqrt()
+    return SamplerPlan(current.tolist(), previous.tolist(), a, b, c)
+
+
+def _autocast(device: torch.device):
+    # bf16 matmuls on CUDA; the running state x, the coefficients and the noise stay float32.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None = None,
+           sampler: str = "ancestral", eta: float = 1.0, device: torch.device | str = "cpu",
+           generator: torch.Generator | None = None, batch_size: int | None = None,
+           x_T: torch.Tensor | None = None,
+           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Draw ``n`` images in [-1, 1]-ish float32 (N, 1, 28, 28) from ``net`` under ``process``.
+
+    ``x_T`` fixes the starting noise (else drawn from ``process.prior``); ``callback(t, x)`` sees the
+    state after each update (t = the timestep reached), e.g. to record a reverse trajectory.
+    """
+    device = torch.device(device)
+    run = plan(process, steps or process.n_T, sampler, eta)
+    a, b, c = (coef.to(device=device, dtype=torch.float32) for coef in (run.a, run.b, run.c))
+    batch_size = batch_size or n
+    was_training = net.training
+    net.eval()
+    chunks = []
+    for start in range(0, n, batch_size):
+        size = min(batch_size, n - start)
+        shape = (size, 1, 28, 28)
+        x = (x_T[start:start + size].to(device) if x_T is not None
+             else process.prior(shape, device=device, generator=generator))
+        for i, (t, t_prev) in enumerate(zip(run.timesteps, run.previous)):
+            t_batch = torch.full((size,), t, device=device, dtype=torch.long)
+            with _autocast(device):
+                eps = net(x, t_batch.float() / process.n_T).float()
+            x = a[i] * x + b[i] * eps
+            if t_prev > 0 and run.c[i] != 0:
+                prev_batch = torch.full((size,), t_prev, device=device, dtype=torch.long)
+                x = x + c[i] * process.noise(prev_batch, shape, device=device, generator=generator)
+            if callback is not None:
+                callback(t_prev, x)
+        chunks.append(x)
+    net.train(was_training)
+    return torch.cat(chunks)

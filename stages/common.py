@@ -1,0 +1,66 @@
+"""What several stages share: the stage's model argument, paths, data on the device, progress."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion.mnist import load_mnist
+
+RAW_DIR = Path("data/MNIST/raw")
+MODELS = ("ddpm", "ddgm")
+
+
+def model_argument(stage: str) -> str:
+    """Parse the one positional argument of a per-model stage: ddpm or ddgm."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
+    parser.add_argument("model", choices=MODELS, help="which model's branch of the pipeline")
+    return parser.parse_args().model
+
+
+def fail(message: str, status: int = 1) -> None:
+    """One line on stderr, non-zero exit."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def mnist_on(device: torch.device, train: bool, subset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST images (uint8) and labels on ``device``; ``subset`` > 0 keeps the first N."""
+    images, labels = load_mnist(RAW_DIR, train=train)
+    if subset:
+        images, labels = images[:subset], labels[:subset]
+    return images.to(device), labels.to(device)
+
+
+class EpochProgress:
+    """A tqdm bar on a terminal; one line per epoch (loss, images/s, time left) otherwise."""
+
+    def __init__(self, total_epochs: int, first_epoch: int, label: str) -> None:
+        self.total, self.label = total_epochs, label
+        self.started, self.first = time.perf_counter(), first_epoch
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_epochs, initial=first_epoch, desc=label, unit="epoch")
+
+    def epoch_done(self, epoch: int, train_loss: float, heldout_loss: float,
+                   images_per_s: float) -> None:
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / max(epoch - self.first, 1) * (self.total - epoch)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{train_loss:.4f}", heldout=f"{heldout_loss:.4f}",
+                                 img_s=f"{images_per_s:.0f}")
+            self.bar.update(1)
+        else:
+            print(f"{self.label} epoch {epoch}/{self.total}  loss {train_loss:.4f}  "
+                  f"held-out {heldout_loss:.4f}  {images_per_s:.0f} img/s  "
+                  f"time left {left / 60:.1f} min", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,59 @@
+"""DVC stage sample@<model>: draw ``sample.n_samples`` digits from the model's EMA weights.
+
+Writes ``results/sample/<model>/samples.npy`` (uint8, N x 28 x 28) and ``grid.png`` (the first 64),
+and logs them to an MLflow run nested under the model's training run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffusion.data import save_grid
+from diffusion.io import atomic_path
+from diffusion.model import load
+from stages.common import fail, model_argument
+from stages.params import load_params_or_exit
+from stages.tracking import Run, TrackingUnavailableError
+
+GRID_IMAGES = 64
+
+
+def main() -> None:
+    model_name = model_argument("sample")
+    stage = f"sample@{model_name}"
+    params = load_params_or_exit(stage)
+    settings = params["sample"]
+    models_dir, out_dir = Path("models") / model_name, Path("results/sample") / model_name
+    parent = json.loads((models_dir / "run.json").read_text())["run_id"]
+    model = load(models_dir / "model.pt")
+    if settings["steps"] > model.process.n_T:
+        fail(f"sample.steps = {settings['steps']} is more than this model's n_T = "
+             f"{model.process.n_T}", status=2)
+    try:
+        run = Run(stage, model_name, parent_run_id=parent)
+    except TrackingUnavailableError as error:
+        fail(str(error))
+    run.log_params({"seed": params["seed"], "sample": settings})
+
+    started = time.perf_counter()
+    images = model.sample(settings["n_samples"], steps=settings["steps"],
+                          sampler=settings["sampler"], eta=settings["eta"], seed=params["seed"],
+                          batch_size=settings["batch_size"])
+    seconds = time.perf_counter() - started
+    with atomic_path(out_dir / "samples.npy") as tmp:
+        with open(tmp, "wb") as file:
+            np.save(file, images.numpy())
+    save_grid(images[:GRID_IMAGES], out_dir / "grid.png")
+    run.log_metrics({"sample_seconds": seconds, "images_per_s": len(images) / seconds})
+    run.log_artifact(out_dir / "grid.png")
+    run.finish()
+    print(f"{stage}: {len(images)} images, {settings['sampler']} sampler, {settings['steps']} steps, "
+          f"{seconds:.1f} s on {model.device} -> {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

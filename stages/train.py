@@ -1,0 +1,157 @@
+"""DVC stage train@<model>: train the seed's CNN under the model's noise process.
+
+Writes ``models/<model>/model.pt`` (EMA weights, raw weights, config), ``models/<model>/run.json``
+(the MLflow run id, so later stages log next to it), ``results/train/<model>/log.csv`` (per-epoch
+train loss, held-out loss on the MNIST test set, images/s) and
+``results/train/<model>/grids/epoch_NNN.png`` every ``train.grid_every`` epochs, drawn from the
+same fixed noise each time so successive grids are comparable.
+
+A killed run resumes from its last completed epoch on the next ``dvc repro``: the state is saved
+after every epoch under ``.resume/`` (outside DVC's outputs), keyed by the stage's params and
+input data, and removed once the stage finishes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from diffusion.data import save_grid, to_uint8
+from diffusion.io import atomic_path, load_torch, save_json
+from diffusion.model import default_device, save_model
+from diffusion.network import DenoiserCNN
+from diffusion.process import process_for_model
+from diffusion.sampling import sample
+from diffusion.training import (EpochRecord, NonFiniteLossError, TrainConfig, TrainState,
+                                make_state, train)
+from stages.common import RAW_DIR, EpochProgress, fail, mnist_on, model_argument
+from stages.params import load_params_or_exit
+from stages.tracking import Run, TrackingUnavailableError, repo_root
+
+GRID_SEED_OFFSET = 2  # the grids' fixed noise comes from seed + 2 (seed + 1 is the held-out noise)
+
+
+def resume_path(stage: str, params: dict) -> Path:
+    """Where this stage keeps its resume state: keyed by its params and its input data."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for path in sorted(RAW_DIR.iterdir()):
+        digest.update(path.name.encode())
+        digest.update(hashlib.md5(path.read_bytes()).digest())
+    return repo_root() / ".resume" / f"{stage}-{digest.hexdigest()[:16]}.pt"
+
+
+def write_log(records: list[EpochRecord], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    names = [f.name for f in fields(EpochRecord)]
+    writer.writerow(names)
+    for record in records:
+        row = asdict(record)
+        writer.writerow([f"{row[n]:.6g}" if isinstance(row[n], float) else row[n] for n in names])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def main() -> None:
+    model = model_argument("train")
+    stage = f"train@{model}"
+    params = load_params_or_exit(stage)
+    seed, train_params = params["seed"], params["train"]
+    config = TrainConfig(
+        epochs=train_params["epochs"], batch_size=train_params["batch_size"],
+        lr=train_params["lr"], ema_decay=train_params["ema_decay"],
+        holdout_subset=train_params["holdout_subset"], seed=seed,
+        compile=train_params["compile"])
+    net_config = {"hidden": list(params["net"]["hidden"]), "activation": params["net"]["activation"]}
+    process = process_for_model(model, params[model])
+    models_dir, results_dir = Path("models") / model, Path("results/train") / model
+    grids_dir = results_dir / "grids"
+    checkpoint = resume_path(stage, params)
+
+    device = default_device()
+    torch.manual_seed(seed)  # the network's initial weights
+    state = make_state(DenoiserCNN(tuple(net_config["hidden"]), net_config["activation"]),
+                       config, device)
+    resumed = checkpoint.exists()
+    saved = load_torch(checkpoint, map_location=device) if resumed else {}
+    if resumed:
+        state.load_state_dict(saved)
+    try:
+        run = Run(stage, model, run_id=saved.get("run_id"))
+    except TrackingUnavailableError as error:
+        fail(str(error))
+    if not resumed:
+        run.log_params({"model": model, "seed": seed, "data.train_subset": params["data"]["train_subset"],
+                        "net": net_config, model: params[model], "train": train_params,
+                        "device": str(device)})
+
+    train_images, _ = mnist_on(device, train=True, subset=params["data"]["train_subset"])
+    test_images, _ = mnist_on(device, train=False)
+    grids: dict[int, torch.Tensor] = {int(k): v for k, v in saved.get("grids", {}).items()}
+    if resumed:
+        print(f"{stage}: resuming from epoch {state.epoch} ({checkpoint})", flush=True)
+    for epoch, images in grids.items():  # DVC removed the outputs before re-running the stage
+        save_grid(images, grids_dir / f"epoch_{epoch:03d}.png")
+    write_log(state.log, results_dir / "log.csv")
+
+    grid_noise = process.prior(
+        (train_params["grid_size"], 1, 28, 28), device=device,
+        generator=torch.Generator(device).manual_seed(seed + GRID_SEED_OFFSET))
+    progress = EpochProgress(config.epochs, state.epoch, stage)
+
+    def on_epoch(state: TrainState, record: EpochRecord) -> None:
+        progress.epoch_done(record.epoch, record.train_loss, record.heldout_loss,
+                            record.images_per_s)
+        write_log(state.log, results_dir / "log.csv")
+        run.log_metrics({"train_loss": record.train_loss, "heldout_loss": record.heldout_loss,
+                         "images_per_s": record.images_per_s}, step=record.epoch)
+        if record.epoch % train_params["grid_every"] == 0 or record.epoch == config.epochs:
+            generator = torch.Generator(device).manual_seed(seed + GRID_SEED_OFFSET + 1)
+            images = to_uint8(sample(state.ema, process, grid_noise.shape[0], device=device,
+                                     generator=generator, x_T=grid_noise)).cpu()
+            grids[record.epoch] = images
+            path = grids_dir / f"epoch_{record.epoch:03d}.png"
+            save_grid(images, path)
+            run.log_artifact(path, "grids")
+
+    def save_resume_state(state: TrainState) -> None:
+        with atomic_path(checkpoint) as tmp:
+            torch.save({**state.state_dict(), "run_id": run.run_id,
+                        "grids": {str(k): v for k, v in grids.items()}}, tmp)
+
+    try:
+        train(state, process, train_images, test_images, config, on_epoch=on_epoch,
+              on_checkpoint=save_resume_state)
+    except KeyboardInterrupt:
+        progress.close()
+        run.finish("KILLED")
+        fail(f"{stage} interrupted after epoch {state.epoch}; its state is saved in {checkpoint}. "
+             f"Run `dvc repro {stage}` to resume from there.", status=130)
+    except NonFiniteLossError as error:
+        progress.close()
+        run.finish("FAILED")
+        fail(f"{stage}: {error}")
+    progress.close()
+
+    save_model(models_dir / "model.pt", state.net, state.ema, process,
+               {"model": model, "net": net_config, "seed": seed,
+                "train_subset": params["data"]["train_subset"], "train": train_params,
+                "epochs_trained": state.epoch})
+    save_json({"run_id": run.run_id, "experiment_id": run.experiment_id}, models_dir / "run.json")
+    run.log_artifact(models_dir / "model.pt", "model")
+    run.log_artifact(results_dir / "log.csv")
+    run.finish()
+    checkpoint.unlink(missing_ok=True)
+    last = state.log[-1]
+    print(f"{stage}: {state.epoch} epochs, train loss {last.train_loss:.4f}, "
+          f"held-out loss {last.heldout_loss:.4f} -> {models_dir / 'model.pt'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Tests of stages/params.py: the schema of params.yaml and the per-stage view of it."""
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # so that `pytest` works from any directory, not only `python -m pytest`
+
+from stages.params import ParamsError, load_params, load_params_or_exit, validate  # noqa: E402
+
+SHIPPED = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_value(dotted, value, params=None):
+    """A copy of the shipped params with one key set (or removed, for value ...)."""
+    params = copy.deepcopy(params or SHIPPED)
+    *parents, last = dotted.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return params
+
+
+def error_of(params):
+    with pytest.raises(ParamsError) as info:
+        validate(params)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("params.yaml: ")
+    return message
+
+
+def dvc_stages():
+    """Stage names as `dvc stage list` prints them, expanding foreach (independently of the module)."""
+    names = []
+    for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        names += [f"{name}@{item}" for item in spec["foreach"]] if "foreach" in spec else [name]
+    return names
+
+
+def test_shipped_params_validate():
+    out = validate(SHIPPED)
+    assert out["train"]["lr"] == pytest.approx(2e-4) and out["ddpm"]["n_T"] == 1000
+
+
+BAD = [  # (key, bad value, fragment of the allowed values)
+    ("ddpm.n_T", 0, "an integer >= 1"),
+    ("ddgm.n_T", -5, "an integer >= 1"),
+    ("ddpm.betas", [1e-4], "0 < beta_1 < beta_T < 1"),
+    ("ddpm.betas", [0.02, 1e-4], "0 < beta_1 < beta_T < 1"),
+    ("ddgm.betas", [0.0, 0.02], "0 < beta_1 < beta_T < 1"),
+    ("ddgm.betas", [1e-4, 1.0], "0 < beta_1 < beta_T < 1"),
+    ("ddgm.betas", [1e-4, 0.02, 0.03], "0 < beta_1 < beta_T < 1"),
+    ("ddgm.theta_0", -1.0, "a number > 0"),
+    ("ddgm.theta_0", 0, "a number > 0"),
+    ("train.epochs", 0, "an integer >= 1"),
+    ("classifier.epochs", 0, "an integer >= 1"),
+    ("train.batch_size", 0, "an integer >= 1"),
+    ("sample.batch_size", 0, "an integer >= 1"),
+    ("evaluate.batch_size", -1, "an integer >= 1"),
+    ("classifier.batch_size", 0, "an integer >= 1"),
+    ("train.lr", 0.0, "a number > 0"),
+    ("train.lr", -2e-4, "a number > 0"),
+    ("classifier.lr", 0, "a number > 0"),
+    ("train.ema_decay", 1.0, "a number in [0, 1)"),
+    ("train.ema_decay", -0.1, "a number in [0, 1)"),
+    ("sample.sampler", "euler", "one of ancestral, ddim"),
+    ("net.activation", "tanh", "one of gelu, relu, silu"),
+    ("sample.steps", 0, "an integer in [1, 1000]"),
+    ("sample.steps", 1001, "an integer in [1, 1000]"),
+    ("sweep.steps", [10, 1001], "each entry an integer in [1, 1000]"),
+    ("sweep.steps", [0], "each entry an integer in [1, 1000]"),
+    ("sweep.steps", [], "a non-empty list"),
+    ("sweep.samplers", [], "a non-empty list"),
+    ("sweep.samplers", ["ancestral", "euler"], "each entry one of ancestral, ddim"),
+    ("sample.eta", 1.5, "a number in [0, 1]"),
+    ("sample.eta", -0.1, "a number in [0, 1]"),
+    ("sweep.eta", 2, "a number in [0, 1]"),
+    ("evaluate.n_samples", 3, "an integer in [4, 10000]"),
+    ("sweep.n_samples", 3, "an integer >= 4"),
+    ("evaluate.n_samples", 10001, "10000 = sample.n_samples"),
+    ("net.hidden", [], "a non-empty list"),
+    ("net.hidden", [16, 0, 16], "each entry an integer >= 1"),
+    ("data.train_subset", -1, "an integer in [0, 60000]"),
+    ("data.train_subset", 60001, "an integer in [0, 60000]"),
+    ("train.holdout_subset", -1, "an integer in [0, 10000]"),
+    ("train.holdout_subset", 10001, "an integer in [0, 10000]"),
+    ("train.grid_every", 0, "an integer >= 1"),
+    ("train.grid_size", 0, "an integer >= 1"),
+    ("evaluate.psnr_t", [0, 50], "each entry an integer in [1, 1000]"),
+    ("evaluate.psnr_t", [1001], "each entry an integer in [1, 1000]"),
+    ("plot.t_show", [-1, 0], "each entry an integer in [0, 1000]"),
+    ("plot.t_show", [1001], "each entry an integer in [0, 1000]"),
+    ("plot.n_digits", 0, "an integer >= 1"),
+    ("seed", 4.2, "an integer"),
+    ("seed", "42", "an integer"),
+    ("data.local_dir", 5, "a string"),
+    ("train.compile", "yes", "true or false"),
+    ("train.epochs", True, "an integer >= 1"),   # a bool is not an int
+    ("seed", False, "an integer"),
+    ("train.lr", "fast", "a number > 0"),          # a non-numeric string is not a number
+    ("train.lr", float("nan"), "a number > 0"),
+    ("train.lr", float("inf"), "a number > 0"),
+    ("train.epochs", 10.0, "an integer >= 1"),     # a float is not an int
+    ("net", [16, 32], "must be a mapping with keys hidden, activation"),
+]
+
+
+@pytest.mark.parametrize("key, value, allowed", BAD, ids=[f"{k}={v!r}" for k, v, _ in BAD])
+def test_bad_value_is_one_line_naming_key_value_and_allowed(key, value, allowed):
+    message = error_of(with_value(key, value))
+    assert f"{key} = {value!r} is not allowed: " in message
+    assert allowed in message
+
+
+def test_message_format_is_exact():
+    assert error_of(with_value("ddgm.theta_0", -1.0)) == \
+        "params.yaml: ddgm.theta_0 = -1.0 is not allowed: must be a number > 0"
+    assert error_of(with_value("train.lr", "fast")) == \
+        "params.yaml: train.lr = 'fast' is not allowed: must be a number > 0"
+
+
+def test_steps_above_one_models_n_t_names_that_model():
+    params = with_value("ddgm.n_T", 500)
+    message = error_of(params)  # the shipped sample.steps = 1000 now exceeds ddgm.n_T
+    assert "sample.steps = 1000" in message and "ddgm.n_T = 500" in message
+    params = with_value("evaluate.psnr_t", [50, 250], with_value("sample.steps", 400, params))
+    message = error_of(with_value("sweep.steps", [10, 600], params))
+    assert "sweep.steps = [10, 600]" in message and "ddgm.n_T = 500" in message
+
+
+def test_sample_n_samples_below_evaluate_names_both_keys():
+    message = error_of(with_value("sample.n_samples", 5000))
+    assert "evaluate.n_samples = 10000" in message and "sample.n_samples" in message
+
+
+@pytest.mark.parametrize("key, typo, suggestion", [
+    ("train.epochs", "epoch", "train.epochs"),
+    ("ddgm.theta_0", "theta0", "ddgm.theta_0"),
+    ("sample.sampler", "samplr", "sample.sampler"),
+    ("train", "trian", "train"),
+])
+def test_misspelt_key_suggests_the_known_one(key, typo, suggestion):
+    params = copy.deepcopy(SHIPPED)
+    *parents, last = key.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[typo] = node.pop(last)
+    wrong = ".".join([*parents, typo])
+    assert error_of(params) == f"params.yaml: unknown key {wrong} (did you mean {suggestion}?)"
+
+
+def test_unknown_key_without_a_close_match():
+    assert error_of(with_value("train.xyzzy_frobnicate", 1)) == "params.yaml: unknown key train.xyzzy_frobnicate"
+
+
+@pytest.mark.parametrize("key", ["train.lr", "seed", "ddgm.theta_0", "plot"])
+def test_missing_key(key):
+    assert error_of(with_value(key, ...)) == f"params.yaml: missing key {key}"
+
+
+def test_empty_file_is_rejected():
+    assert "must be a mapping" in error_of(None)
+
+
+def test_numeric_strings_and_ints_are_accepted_for_float_keys():
+    raw = yaml.safe_load("lr: 2e-4\nbeta: 1e-4")
+    assert raw["lr"] == "2e-4"  # PyYAML (YAML 1.1) reads a float without a dot as a string
+    params = with_value("ddpm.betas", [raw["beta"], "0.02"], with_value("train.lr", raw["lr"]))
+    out = validate(with_value("classifier.lr", 1, params))
+    assert out["train"]["lr"] == 2e-4 and out["ddpm"]["betas"] == [1e-4, 0.02]
+    assert out["classifier"]["lr"] == 1.0 and isinstance(out["classifier"]["lr"], float)
+
+
+def test_train_ddpm_gets_exactly_its_declared_keys():
+    params = load_params("train@ddpm", ROOT)
+    assert set(params) == {"seed", "data", "net", "ddpm", "train"}
+    assert set(params["data"]) == {"train_subset"}
+    assert params["ddpm"]["n_T"] == 1000 and params["train"]["epochs"] == SHIPPED["train"]["epochs"]
+    for read in (lambda: params["ddgm"], lambda: params["data"]["local_dir"], lambda: params.get("sample")):
+        with pytest.raises(KeyError, match="not declared for stage train@ddpm in dvc.yaml"):
+            read()
+
+
+def test_foreach_item_is_substituted():
+    assert "ddgm" in load_params("train@ddgm", ROOT) and "ddpm" not in load_params("train@ddgm", ROOT)
+
+
+@pytest.mark.parametrize("stage", dvc_stages())
+def test_every_dvc_stage_loads(stage):
+    params = load_params(stage, ROOT)
+    name, _, item = stage.partition("@")
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]
+    declared = (spec["do"] if item else spec).get("params", [])
+    assert set(params) == {k.replace("${item}", item).split(".")[0] for k in declared}
+
+
+def test_unknown_stage_lists_the_known_ones():
+    with pytest.raises(ParamsError, match=r"unknown stage 'trian@ddpm' \(known stages: download, .*train@ddpm"):
+        load_params("trian@ddpm", ROOT)
+
+
+@pytest.fixture
+def project(tmp_path):
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def test_undeclared_key_in_dvc_yaml_is_reported(project):
+    dvc = yaml.safe_load((project / "dvc.yaml").read_text())
+    dvc["stages"]["plot"]["params"].append("plot.n_digitz")
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dvc))
+    with pytest.raises(ParamsError, match="stage plot declares params key plot.n_digitz"):
+        load_params("plot", project)
+
+
+def test_load_params_or_exit(project, capsys):
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("epochs: 100", "epochs: 0"))
+    with pytest.raises(SystemExit) as info:
+        load_params_or_exit("train@ddpm", project)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: params.yaml: train.epochs = 0 is not allowed: must be an integer >= 1\n"
+
+
+def run_cli(cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "stages.params"], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_cli_ok(project):
+    result = run_cli(project)
+    assert result.returncode == 0 and result.stdout == "params.yaml: ok\n"
+
+
+def test_cli_bad_file_exits_2_with_one_line(project):
+    text = (ROOT / "params.yaml").read_text().replace("lr: 2.0e-4", "lr: -1")
+    (project / "params.yaml").write_text(text)
+    result = run_cli(project)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "train.lr = -1 is not allowed" in result.stderr

@@ -1,0 +1,102 @@
+"""The noise processes against their closed forms (Ho et al. 2020; DDGM, Nachmani et al. 2021)."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from diffusion.process import GammaProcess, GaussianProcess, make_process, process_for_model
+
+N_DRAWS = 100_000
+
+
+def moments(x: torch.Tensor) -> tuple[float, float, float]:
+    x = x.double().flatten()
+    mean, var = x.mean().item(), x.var().item()
+    skew = (((x - x.mean()) ** 3).mean() / x.var(unbiased=False) ** 1.5).item()
+    return mean, var, skew
+
+
+def test_linear_schedule_and_alpha_bar():
+    process = GaussianProcess((1e-4, 0.02), 1000)
+    assert process.beta[0] == 0 and process.alpha_bar[0] == 1
+    assert process.beta[1].item() == pytest.approx(1e-4)
+    assert process.beta[1000].item() == pytest.approx(0.02)
+    assert torch.allclose(process.beta[2:] - process.beta[1:-1],
+                          torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
+    expected = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / 999) for i in range(1000))
+    assert process.alpha_bar[1000].item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_gamma_parameters_satisfy_k_bar_theta_squared_identity():
+    # DDGM: k_bar_t theta_t^2 = 1 - alpha_bar_t, so eps has unit variance at every t.
+    process = GammaProcess((1e-4, 0.02), 1000, 0.001)
+    lhs = process.k_bar[1:] * process.theta[1:] ** 2
+    assert torch.allclose(lhs, 1 - process.alpha_bar[1:], rtol=1e-9, atol=0)
+    assert process.k_bar[1000].item() == pytest.approx(2.5e10, rel=0.1)
+
+
+@pytest.mark.parametrize("process", [GaussianProcess((1e-4, 0.02), 100),
+                                     GammaProcess((1e-4, 0.02), 100, 0.003)])
+@pytest.mark.parametrize("t_value", [1, 30, 100])
+def test_forward_process_matches_closed_form_moments(process, t_value):
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.full((N_DRAWS, 1, 1, 1), 0.7)
+    t = torch.full((N_DRAWS,), t_value)
+    eps = process.noise(t, x0.shape, generator=generator)
+    mean, var, skew = moments(process.q_sample(x0, t, eps))
+    alpha_bar = process.alpha_bar[t_value].item()
+    assert mean == pytest.approx(math.sqrt(alpha_bar) * 0.7, abs=4 * math.sqrt((1 - alpha_bar) / N_DRAWS))
+    assert var == pytest.approx(1 - alpha_bar, rel=0.02)
+    expected_skew = 0.0 if isinstance(process, GaussianProcess) else 2 / process.k_bar[t_value].sqrt().item()
+    # k_bar_1 ~ 11 here: skewness ~0.6, whose sampling error exceeds the normal-case sqrt(6/n).
+    assert skew == pytest.approx(expected_skew, abs=0.05)
+
+
+def test_gamma_noise_at_t_max_is_not_quantised_and_is_standard_normal():
+    process = GammaProcess((1e-4, 0.02), 1000, 0.001)
+    t = torch.full((N_DRAWS,), 1000)
+    eps = process.noise(t, (N_DRAWS,), generator=torch.Generator().manual_seed(1))
+    assert eps.dtype == torch.float32
+    # A float32 draw of G ~ Gamma(2.5e10) minus its mean moves in steps of ~0.015 std: a few
+    # hundred distinct values. Exact draws are (nearly) all distinct.
+    assert eps.unique().numel() > 0.999 * N_DRAWS
+    mean, var, _ = moments(eps)
+    assert abs(mean) < 4 / math.sqrt(N_DRAWS)
+    assert var == pytest.approx(1.0, abs=4 * math.sqrt(2 / N_DRAWS))
+    assert stats.kstest(eps.double().numpy(), "norm").statistic < 1.95 / math.sqrt(N_DRAWS)
+
+
+def test_gamma_noise_at_t_one_has_gamma_skewness():
+    process = GammaProcess((1e-4, 0.02), 1000, 0.001)
+    t = torch.ones(N_DRAWS, dtype=torch.long)
+    eps = process.noise(t, (N_DRAWS,), generator=torch.Generator().manual_seed(2))
+    k_bar_1 = process.k_bar[1].item()
+    mean, var, skew = moments(eps)
+    assert abs(mean) < 4 / math.sqrt(N_DRAWS) and var == pytest.approx(1.0, rel=0.02)
+    assert skew == pytest.approx(2 / math.sqrt(k_bar_1), abs=4 * math.sqrt(6 / N_DRAWS))
+
+
+def test_noise_is_reproducible_from_the_generator():
+    process = GammaProcess((1e-4, 0.02), 50, 0.001)
+    t = torch.arange(1, 51)
+    draw = lambda: process.noise(t, (50, 1, 4, 4), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(draw(), draw())
+
+
+def test_predict_x0_inverts_q_sample():
+    process = GammaProcess((1e-4, 0.02), 100, 0.001)
+    x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+    t = torch.arange(1, 9) * 12
+    eps = process.noise(t, x0.shape, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(process.predict_x0(process.q_sample(x0, t, eps), t, eps), x0, atol=1e-4)
+
+
+def test_config_round_trip_and_model_names():
+    for process in (process_for_model("ddpm", {"betas": [1e-4, 0.02], "n_T": 10}),
+                    process_for_model("ddgm", {"betas": [1e-4, 0.02], "n_T": 10, "theta_0": 0.01})):
+        rebuilt = make_process(process.config())
+        assert type(rebuilt) is type(process) and rebuilt.config() == process.config()
+    with pytest.raises(ValueError, match="allowed are 'ddpm', 'ddgm'"):
+        process_for_model("vae", {})

@@ -1,0 +1,117 @@
+"""The samplers' updates against hand computations on tiny schedules."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion.process import GammaProcess, GaussianProcess
+from diffusion.sampling import plan, sample, timestep_sequence
+
+
+class ConstantNet(nn.Module):
+    """eps_theta(x, t) = 0.3 x + t: simple, and depends on both inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        return 0.3 * x + t.view(-1, 1, 1, 1)
+
+
+class RecordedNoise(GaussianProcess):
+    """Gaussian process whose noise draws are recorded with the timestep asked for."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.draws = []
+
+    def noise(self, t, shape, *, device="cpu", generator=None):
+        z = super().noise(t, shape, device=device, generator=generator)
+        self.draws.append((t.clone(), z.clone()))
+        return z
+
+
+def test_timestep_sequence():
+    assert timestep_sequence(1000, 1000) == list(range(1, 1001))
+    seq = timestep_sequence(1000, 10)
+    assert len(seq) == 10 and seq[0] == 1 and seq[-1] == 1000
+    assert all(b > a for a, b in zip(seq, seq[1:]))
+    assert timestep_sequence(7, 1) == [7]
+    for steps in (0, 8):
+        with pytest.raises(ValueError, match="between 1 and n_T"):
+            timestep_sequence(7, steps)
+
+
+def test_ancestral_update_matches_ho_algorithm_2_by_hand():
+    process = RecordedNoise((0.1, 0.3), 3)
+    net = ConstantNet()
+    x_T = torch.full((1, 1, 28, 28), 0.5)
+    out = sample(net, process, 1, x_T=x_T, generator=torch.Generator().manual_seed(0))
+    # Ho eq. 11 by hand in float64: x_{t-1} = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t)
+    # + sqrt(beta_t) z, with betas 0.1, 0.2, 0.3 and no noise on the last step.
+    betas = [None, 0.1, 0.2, 0.3]
+    alpha_bar = [1.0, 0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.7]
+    x = x_T.double()
+    noises = iter(process.draws)
+    for t in (3, 2, 1):
+        eps = 0.3 * x + t / 3
+        x = (x - betas[t] / math.sqrt(1 - alpha_bar[t]) * eps) / math.sqrt(1 - betas[t])
+        if t > 1:
+            t_drawn, z = next(noises)
+            assert (t_drawn == t - 1).all()
+            x = x + math.sqrt(betas[t]) * z.double()
+    assert next(noises, None) is None
+    assert torch.allclose(out.double(), x, atol=1e-5)
+
+
+def test_ddim_eta_zero_is_deterministic_given_start():
+    process = GammaProcess((1e-4, 0.02), 50, 0.001)
+    x_T = process.prior((4, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    runs = [sample(ConstantNet(), process, 4, steps=10, sampler="ddim", eta=0.0, x_T=x_T,
+                   generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_ddim_eta_one_full_steps_has_ancestral_mean_and_posterior_variance():
+    process = GaussianProcess((1e-4, 0.02), 20)
+    ancestral = plan(process, 20, "ancestral")
+    ddim = plan(process, 20, "ddim", eta=1.0)
+    assert torch.allclose(ddim.a, ancestral.a, rtol=1e-12)
+    assert torch.allclose(ddim.b, ancestral.b, rtol=1e-10)
+    t = torch.tensor(ddim.timesteps)
+    ab, ab_prev, beta = process.alpha_bar[t], process.alpha_bar[t - 1], process.beta[t]
+    beta_tilde = (1 - ab_prev) / (1 - ab) * beta  # Ho et al. eq. 7
+    assert torch.allclose(ddim.c ** 2, beta_tilde, rtol=1e-10)
+    assert ddim.c[-1] == 0 and ancestral.c[-1] == 0
+
+
+def test_respaced_ancestral_uses_respaced_betas():
+    process = GaussianProcess((1e-4, 0.02), 100)
+    run = plan(process, 5, "ancestral")
+    for i, (t, t_prev) in enumerate(zip(run.timesteps, run.previous)):
+        beta = 1 - process.alpha_bar[t] / process.alpha_bar[t_prev]
+        assert run.a[i] == pytest.approx(1 / math.sqrt(1 - beta.item()), rel=1e-12)
+
+
+def test_gamma_reverse_noise_has_the_index_of_the_step_target():
+    process = GammaProcess((1e-4, 0.02), 10, 0.001)
+    asked = []
+    original = process.noise
+
+    def spy(t, shape, **kwargs):
+        asked.append(int(t[0]))
+        return original(t, shape, **kwargs)
+
+    process.noise = spy
+    sample(ConstantNet(), process, 2, steps=4, generator=torch.Generator().manual_seed(0))
+    taus = timestep_sequence(10, 4)
+    # First the prior at n_T, then the noise of each step's target timestep (none for t = 0).
+    assert asked == [10] + taus[:-1][::-1][:len(taus) - 1]
+
+
+def test_unknown_sampler_is_refused():
+    with pytest.raises(ValueError, match="allowed are ancestral, ddim"):
+        plan(GaussianProcess((1e-4, 0.02), 10), 10, "euler")
