@@ -61,8 +61,11 @@ def load_torch(path: Path | str, map_location: torch.device | str = "cpu") -> An
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises UnpicklingError for a disallowed global
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        message = str(error)
+        if "weights_only" in message or "Unsupported global" in message:
+            found = next((line.split("GLOBAL", 1)[1].split()[0] for line in message.splitlines()
+                          if "Unsupported global: GLOBAL" in line), "an object")
             raise UnsafeModelFileError(
-                f"{path}: refused to load, the file holds pickled objects other than tensors "
+                f"{path}: refused to load: it holds {found}, a pickled object other than tensors "
                 "and plain values (it may carry code); only weights files are allowed") from None
         raise

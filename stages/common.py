@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,11 @@ def model_argument(stage: str) -> str:
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
     parser.add_argument("model", choices=MODELS, help="which model's branch of the pipeline")
     return parser.parse_args().model
+
+
+def plain(params: dict) -> dict:
+    """A params section as plain dicts and lists (for model files, JSON and MLflow)."""
+    return json.loads(json.dumps(params))
 
 
 def fail(message: str, status: int = 1) -> None:

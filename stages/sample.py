@@ -15,7 +15,7 @@ import numpy as np
 from diffusion.data import save_grid
 from diffusion.io import atomic_path
 from diffusion.model import load
-from stages.common import fail, model_argument
+from stages.common import fail, model_argument, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -25,7 +25,7 @@ GRID_IMAGES = 64
 def main() -> None:
     model_name = model_argument("sample")
     stage = f"sample@{model_name}"
-    params = load_params_or_exit(stage)
+    params = plain(load_params_or_exit(stage))
     settings = params["sample"]
     models_dir, out_dir = Path("models") / model_name, Path("results/sample") / model_name
     parent = json.loads((models_dir / "run.json").read_text())["run_id"]

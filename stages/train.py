@@ -30,7 +30,7 @@ from diffusion.process import process_for_model
 from diffusion.sampling import sample
 from diffusion.training import (EpochRecord, NonFiniteLossError, TrainConfig, TrainState,
                                 make_state, train)
-from stages.common import RAW_DIR, EpochProgress, fail, mnist_on, model_argument
+from stages.common import RAW_DIR, EpochProgress, fail, mnist_on, model_argument, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError, repo_root
 
@@ -61,7 +61,7 @@ def write_log(records: list[EpochRecord], path: Path) -> None:
 def main() -> None:
     model = model_argument("train")
     stage = f"train@{model}"
-    params = load_params_or_exit(stage)
+    params = plain(load_params_or_exit(stage))
     seed, train_params = params["seed"], params["train"]
     config = TrainConfig(
         epochs=train_params["epochs"], batch_size=train_params["batch_size"],

@@ -1,0 +1,49 @@
+"""DVC stage classifier: train the small MNIST classifier whose features score sample quality.
+
+Writes ``models/classifier/classifier.pt`` and ``results/classifier/metrics.json`` (test accuracy).
+Nothing is downloaded: the evaluation's feature network is trained here, on MNIST itself.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from diffusion.classifier import evaluate_accuracy, save_classifier, train_classifier
+from diffusion.io import save_json
+from diffusion.model import default_device
+from stages.common import fail, mnist_on, plain
+from stages.params import load_params_or_exit
+from stages.tracking import Run, TrackingUnavailableError
+
+
+def main() -> None:
+    stage = "classifier"
+    params = plain(load_params_or_exit(stage))
+    settings = params["classifier"]
+    try:
+        run = Run(stage, "classifier")
+    except TrackingUnavailableError as error:
+        fail(str(error))
+    run.log_params({"seed": params["seed"], "classifier": settings})
+    device = default_device()
+    train_images, train_labels = mnist_on(device, train=True)
+    test_images, test_labels = mnist_on(device, train=False)
+
+    started = time.perf_counter()
+    classifier = train_classifier(train_images, train_labels, epochs=settings["epochs"],
+                                  batch_size=settings["batch_size"], lr=settings["lr"],
+                                  seed=params["seed"], device=device, log=print)
+    accuracy = evaluate_accuracy(classifier, test_images, test_labels)
+    seconds = time.perf_counter() - started
+
+    save_classifier(classifier, Path("models/classifier/classifier.pt"))
+    save_json({"test_accuracy": accuracy}, Path("results/classifier/metrics.json"))
+    run.log_metrics({"test_accuracy": accuracy, "train_seconds": seconds})
+    run.finish()
+    print(f"{stage}: test accuracy {accuracy:.4f} after {settings['epochs']} epochs "
+          f"({seconds:.0f} s on {device})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""DVC stage evaluate@<model>: score a trained model on the MNIST test set.
+
+Writes ``results/evaluate/<model>/metrics.json`` with, for the first ``evaluate.n_samples`` test
+images and generated samples:
+- ``heldout_loss``: the denoising loss (Ho eq. 14) on test images, noise fixed by ``seed``;
+- ``psnr_t<t>``: PSNR (dB) of the one-step estimate x0_hat(x_t) against the clean test image;
+- ``quality``: FID, KID, classifier Inception Score, precision/recall and class balance of the
+  samples against the test set, on the features of the stage ``classifier``'s network;
+- ``floor``: the same metrics for as many real training images against the test set, i.e. what
+  a perfect model would score with this sample count (FID depends on it: it is recorded too).
+The metrics go to an MLflow run nested under the model's training run, and onto that run too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.classifier import embed, load_classifier
+from diffusion.data import to_model_range
+from diffusion.io import save_json
+from diffusion.metrics import psnr, quality_metrics
+from diffusion.model import DiffusionModel, load
+from diffusion.training import heldout_loss
+from stages.common import fail, mnist_on, model_argument, plain
+from stages.params import load_params_or_exit
+from stages.tracking import Run, TrackingUnavailableError
+
+
+@torch.no_grad()
+def psnr_at(model: DiffusionModel, images: torch.Tensor, t: int, *, seed: int,
+            batch_size: int) -> float:
+    """Mean PSNR of the one-step x0 estimate from x_t, over uint8 ``images`` on the device."""
+    generator = torch.Generator(model.device).manual_seed(seed)
+    scores = []
+    for start in range(0, images.shape[0], batch_size):
+        x0 = to_model_range(images[start:start + batch_size])
+        t_batch = torch.full((x0.shape[0],), t, device=model.device)
+        eps = model.process.noise(t_batch, x0.shape, device=model.device, generator=generator)
+        x0_hat = model.denoise(model.process.q_sample(x0, t_batch, eps), t_batch)
+        scores.append(psnr(x0_hat.clamp(-1, 1), x0))
+    return torch.cat(scores).mean().item()
+
+
+def main() -> None:
+    model_name = model_argument("evaluate")
+    stage = f"evaluate@{model_name}"
+    params = plain(load_params_or_exit(stage))
+    settings, seed = params["evaluate"], params["seed"]
+    n, batch_size = settings["n_samples"], settings["batch_size"]
+    models_dir = Path("models") / model_name
+    samples = np.load(Path("results/sample") / model_name / "samples.npy", mmap_mode="r")
+    if samples.shape[0] < n:
+        fail(f"evaluate.n_samples = {n} but results/sample/{model_name} holds only "
+             f"{samples.shape[0]} images: raise sample.n_samples or lower evaluate.n_samples",
+             status=2)
+    parent = json.loads((models_dir / "run.json").read_text())["run_id"]
+    try:
+        run = Run(stage, model_name, parent_run_id=parent)
+    except TrackingUnavailableError as error:
+        fail(str(error))
+    run.log_params({"seed": seed, "evaluate": settings})
+
+    model = load(models_dir / "model.pt")
+    device = model.device
+    too_big = [t for t in settings["psnr_t"] if t > model.process.n_T]
+    if too_big:
+        fail(f"evaluate.psnr_t has {too_big}, beyond this model's n_T = {model.process.n_T}", 2)
+    test_images, _ = mnist_on(device, train=False, subset=n)
+    train_images, _ = mnist_on(device, train=True, subset=n)
+    fake = torch.from_numpy(np.array(samples[:n])).to(device)
+    classifier = load_classifier(Path("models/classifier/classifier.pt"), device)
+
+    metrics: dict = {
+        "n_samples": n,
+        "heldout_loss": heldout_loss(model.net, model.process, test_images, seed=seed,
+                                     batch_size=batch_size),
+    }
+    for t in settings["psnr_t"]:
+        metrics[f"psnr_t{t}"] = psnr_at(model, test_images, t, seed=seed, batch_size=batch_size)
+    test_feats, test_probs = embed(classifier, test_images, batch_size)
+    fake_feats, fake_probs = embed(classifier, fake, batch_size)
+    real_feats, real_probs = embed(classifier, train_images, batch_size)
+    metrics["quality"] = quality_metrics(fake_feats, fake_probs, test_feats, test_probs, seed=seed)
+    metrics["floor"] = quality_metrics(real_feats, real_probs, test_feats, test_probs, seed=seed)
+
+    save_json(metrics, Path("results/evaluate") / model_name / "metrics.json")
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    for group in ("quality", "floor"):
+        flat.update({f"{group}_{k}": v for k, v in metrics[group].items()})
+    run.log_metrics(flat)
+    run.log_metrics(flat, run_id=parent)  # also on the training run, beside its curves
+    run.finish()
+    print(f"{stage}: held-out loss {metrics['heldout_loss']:.4f}, FID {metrics['quality']['fid']:.2f} "
+          f"(floor {metrics['floor']['fid']:.2f}) on {n} samples")
+
+
+if __name__ == "__main__":
+    main()
