@@ -36,9 +36,13 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 
 def save_torch(obj: Any, path: Path | str) -> None:
-    """torch.save, atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save, atomically and byte-reproducibly.
+
+    Saving through a file object names the archive's records "archive/..." rather than after
+    the (random) temporary file name, so equal contents give equal bytes.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 def save_json(obj: Any, path: Path | str) -> None:

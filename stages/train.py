@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from diffusion.data import save_grid, to_uint8
-from diffusion.io import atomic_path, load_torch, save_json
+from diffusion.io import atomic_path, load_torch, save_json, save_torch
 from diffusion.model import default_device, save_model
 from diffusion.network import DenoiserCNN
 from diffusion.process import process_for_model
@@ -121,9 +121,8 @@ def main() -> None:
             run.log_artifact(path, "grids")
 
     def save_resume_state(state: TrainState) -> None:
-        with atomic_path(checkpoint) as tmp:
-            torch.save({**state.state_dict(), "run_id": run.run_id,
-                        "grids": {str(k): v for k, v in grids.items()}}, tmp)
+        save_torch({**state.state_dict(), "run_id": run.run_id,
+                    "grids": {str(k): v for k, v in grids.items()}}, checkpoint)
 
     try:
         train(state, process, train_images, test_images, config, on_epoch=on_epoch,
