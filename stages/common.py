@@ -42,6 +42,19 @@ def mnist_on(device: torch.device, train: bool, subset: int = 0) -> tuple[torch.
     return images.to(device), labels.to(device)
 
 
+def mnist_reference(device: torch.device, train: bool, n: int, seed: int) -> torch.Tensor:
+    """``n`` MNIST images (uint8, on ``device``) drawn at random without replacement.
+
+    Metrics compare samples against a random subset rather than the first N: the MNIST files
+    are not shuffled (the first 5000 test digits come from other writers than the last 5000),
+    so a leading slice is a biased reference.
+    """
+    images, _ = load_mnist(RAW_DIR, train=train)
+    if n < images.shape[0]:
+        images = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]]
+    return images.to(device)
+
+
 class EpochProgress:
     """A tqdm bar on a terminal; one line per epoch (loss, images/s, time left) otherwise."""
 

@@ -1,7 +1,7 @@
 """DVC stage evaluate@<model>: score a trained model on the MNIST test set.
 
-Writes ``results/evaluate/<model>/metrics.json`` with, for the first ``evaluate.n_samples`` test
-images and generated samples:
+Writes ``results/evaluate/<model>/metrics.json`` with, for ``evaluate.n_samples`` test images
+(a random subset fixed by ``seed`` when fewer than all 10000) and the first as many samples:
 - ``heldout_loss``: the denoising loss (Ho eq. 14) on test images, noise fixed by ``seed``;
 - ``psnr_t<t>``: PSNR (dB) of the one-step estimate x0_hat(x_t) against the clean test image;
 - ``quality``: FID, KID, classifier Inception Score, precision/recall and class balance of the
@@ -25,7 +25,7 @@ from diffusion.io import save_json
 from diffusion.metrics import psnr, quality_metrics
 from diffusion.model import DiffusionModel, load
 from diffusion.training import heldout_loss
-from stages.common import fail, mnist_on, model_argument, plain
+from stages.common import fail, mnist_reference, model_argument, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -69,8 +69,8 @@ def main() -> None:
     too_big = [t for t in settings["psnr_t"] if t > model.process.n_T]
     if too_big:
         fail(f"evaluate.psnr_t has {too_big}, beyond this model's n_T = {model.process.n_T}", 2)
-    test_images, _ = mnist_on(device, train=False, subset=n)
-    train_images, _ = mnist_on(device, train=True, subset=n)
+    test_images = mnist_reference(device, train=False, n=n, seed=seed)
+    train_images = mnist_reference(device, train=True, n=n, seed=seed)
     fake = torch.from_numpy(np.array(samples[:n])).to(device)
     classifier = load_classifier(Path("models/classifier/classifier.pt"), device)
 

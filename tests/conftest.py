@@ -94,6 +94,22 @@ def stage_env(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def trained_classifier(mnist_raw_dir: Path):
+    """The feature classifier trained once per session with the default params on all of MNIST."""
+    import torch
+
+    from diffusion.classifier import train_classifier
+    from diffusion.mnist import load_mnist
+
+    defaults = yaml.safe_load((REPO / "params.yaml").read_text())
+    images, labels = load_mnist(mnist_raw_dir, train=True)
+    return train_classifier(images, labels, epochs=defaults["classifier"]["epochs"],
+                            batch_size=defaults["classifier"]["batch_size"],
+                            lr=defaults["classifier"]["lr"], seed=defaults["seed"],
+                            device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
 def mnist_raw_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with the four verified MNIST IDX files: the repo's own copy, or fetched once."""
     for candidate in (os.environ.get("MNIST_CACHE"), REPO / "data" / "MNIST" / "raw"):
