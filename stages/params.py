@@ -160,7 +160,8 @@ SCHEMA = {
                  "psnr_t": List(Int(1, min_n_t)), "batch_size": Int(1)},
     "classifier": {"epochs": Int(1), "batch_size": Int(1), "lr": POSITIVE},
     "sweep": {"steps": List(Int(1, min_n_t)), "samplers": List(Choice(SAMPLERS)),
-              "n_samples": Int(MIN_METRIC_SAMPLES, note=FOR_METRICS), "eta": UNIT},
+              "n_samples": Int(MIN_METRIC_SAMPLES, note=FOR_METRICS), "eta": UNIT,
+              "batch_size": Int(1)},
     "plot": {"n_digits": Int(1), "t_show": List(Int(0, min_n_t))},
 }
 

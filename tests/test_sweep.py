@@ -1,0 +1,205 @@
+"""The sweep stage: its table functions on hand data, and the whole stage on tiny real inputs.
+
+The stage runs in-process in a temporary folder holding two untrained tiny models (n_T = 10), an
+untrained tiny classifier, random-pixel MNIST files, params.yaml with tiny sweep values, the
+project's dvc.yaml and its own MLflow store.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from diffusion.classifier import MnistClassifier, save_classifier
+from diffusion.io import save_json
+from diffusion.model import save_model
+from diffusion.network import DenoiserCNN
+from diffusion.process import GammaProcess, GaussianProcess
+from stages import sweep
+from tests.conftest import REPO, TINY_PARAMS, merge, write_synthetic_mnist
+
+STEPS = [1, 3, 10]
+COLUMNS = ["ddpm_ancestral", "ddgm_ancestral", "ddpm_ddim", "ddgm_ddim"]
+OUTPUTS = ["table.json", "fid.csv", "table.md", "fid_vs_steps.png"]
+TINY = {**TINY_PARAMS,  # the pipeline tests' tiny values (n_T = 10), with this sweep
+        "sweep": {"steps": STEPS, "samplers": ["ancestral", "ddim"], "n_samples": 16, "eta": 0.0,
+                  "batch_size": 8}}
+N_TEST = 32
+
+
+def build_inputs(root: Path, ddgm_n_T: int = 10, sweep_params: dict | None = None) -> Path:
+    """A folder the stage can run in (see the module docstring)."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_synthetic_mnist(root / "data" / "MNIST" / "raw", n_train=64, n_test=N_TEST)
+    net_config = {"hidden": [8, 8], "activation": "gelu"}
+    processes = {"ddpm": GaussianProcess((1e-4, 0.02), 10),
+                 "ddgm": GammaProcess((1e-4, 0.02), ddgm_n_T, 0.001)}
+    for i, (name, process) in enumerate(processes.items()):
+        torch.manual_seed(i)
+        net = DenoiserCNN(tuple(net_config["hidden"]), net_config["activation"])
+        save_model(root / "models" / name / "model.pt", net, net, process,
+                   {"model": name, "net": net_config})
+        save_json({"run_id": "none", "experiment_id": "0"}, root / "models" / name / "run.json")
+    torch.manual_seed(0)
+    save_classifier(MnistClassifier(channels=(4, 8), feature_dim=16).eval(),
+                    root / "models" / "classifier" / "classifier.pt")
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                   merge(TINY, {"sweep": sweep_params or {}}))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    return root
+
+
+def run_stage(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    sweep.main()
+
+
+def mlflow_runs(root: Path) -> tuple:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-diffusion")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    root = build_inputs(tmp_path_factory.mktemp("sweep"))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run_stage(root, monkeypatch)
+    return root
+
+
+# ------------------------------------------------------------------ table functions, hand data
+HAND: sweep.Table = {
+    "ddpm_ancestral": {"10": {"fid": 12.5, "seconds": 1.0}, "100": {"fid": 3.25, "seconds": 9.0}},
+    "ddgm_ddim": {"10": {"fid": 7.0, "seconds": 2.0}},  # 100 steps skipped
+}
+HAND_ROWS = {"ddpm_ancestral": "Gaussian (ddpm), ancestral (DDPM)",
+             "ddgm_ddim": "Gamma (ddgm), DDIM eta=0"}
+
+
+def test_column_and_label_name_the_paper_rows():
+    assert sweep.column("ddgm", "ddim") == "ddgm_ddim"
+    assert sweep.label("ddgm", "ddim", 0.0) == "Gamma (ddgm), DDIM eta=0"
+    assert sweep.label("ddpm", "ancestral", 0.5) == "Gaussian (ddpm), ancestral (DDPM)"
+
+
+def test_fid_rows_have_one_row_per_step_count_and_blank_skipped_cells():
+    rows = sweep.fid_rows(HAND, list(HAND_ROWS), [10, 100])
+    assert rows == [{"steps": 10, "ddpm_ancestral": 12.5, "ddgm_ddim": 7.0},
+                    {"steps": 100, "ddpm_ancestral": 3.25, "ddgm_ddim": ""}]
+    text = sweep.csv_text(rows, list(HAND_ROWS))
+    assert text.splitlines() == ["steps,ddpm_ancestral,ddgm_ddim", "10,12.5,7.0", "100,3.25,"]
+
+
+def test_markdown_table_has_a_line_per_row_and_a_column_per_step_count():
+    lines = sweep.markdown_table(HAND, HAND_ROWS, [10, 100]).splitlines()
+    assert lines[0] == "| | 10 steps | 100 steps |"
+    assert lines[2] == "| Gaussian (ddpm), ancestral (DDPM) | 12.50 | 3.25 |"
+    assert lines[3] == "| Gamma (ddgm), DDIM eta=0 | 7.00 | — |"
+    seconds = sweep.markdown_table(HAND, HAND_ROWS, [10, 100], "seconds", 1).splitlines()
+    assert seconds[2].endswith("| 1.0 | 9.0 |")
+
+
+def test_markdown_report_states_sample_count_floor_and_device():
+    text = sweep.markdown_report(HAND, HAND_ROWS, [10, 100], {"fid": 0.875}, 2000, "cuda:0 (H100)")
+    assert "2000 generated images" in text and "FID 0.88" in text and "cuda:0 (H100)" in text
+
+
+def test_plot_is_a_png(tmp_path):
+    sweep.plot_fid(HAND, HAND_ROWS, [10, 100], 0.5, 2000, tmp_path / "fid.png")
+    with Image.open(tmp_path / "fid.png") as image:
+        assert image.format == "PNG" and image.size[0] > 400
+    assert [p.name for p in tmp_path.iterdir()] == ["fid.png"]  # no temporary left behind
+
+
+# ------------------------------------------------------------------ the stage on tiny inputs
+def test_table_json_has_every_cell_with_finite_metrics(swept):
+    table = json.loads((swept / "results/sweep/table.json").read_text())
+    assert table["n_samples"] == 16
+    assert math.isfinite(table["floor"]["fid"])
+    for c in COLUMNS:
+        assert sorted(table[c], key=int) == [str(s) for s in STEPS]
+        for cell in table[c].values():
+            assert set(cell) == {*sweep.KEPT, "seconds"}
+            assert all(math.isfinite(v) for v in cell.values())
+            assert cell["fid"] >= 0 and cell["seconds"] > 0 and 0 <= cell["precision"] <= 1
+
+
+def test_samplers_agree_at_one_step_and_differ_beyond(swept):
+    # One step from x_T to x_0 is x0_hat(x_T) for both samplers (no noise on the last step); the
+    # same seed gives the same x_T. With more steps the ancestral noise makes them differ.
+    table = json.loads((swept / "results/sweep/table.json").read_text())
+    for model in ("ddpm", "ddgm"):
+        ancestral, ddim = table[f"{model}_ancestral"], table[f"{model}_ddim"]
+        assert ancestral["1"]["fid"] == pytest.approx(ddim["1"]["fid"], rel=1e-6)
+        assert ancestral["10"]["fid"] != pytest.approx(ddim["10"]["fid"], rel=1e-6)
+
+
+def test_fid_csv_is_the_plot_data(swept):
+    rows = list(csv.DictReader((swept / "results/sweep/fid.csv").open()))
+    assert list(rows[0]) == ["steps", *COLUMNS]
+    assert [int(r["steps"]) for r in rows] == STEPS
+    table = json.loads((swept / "results/sweep/table.json").read_text())
+    for row in rows:
+        for c in COLUMNS:
+            assert float(row[c]) == pytest.approx(table[c][row["steps"]]["fid"])
+
+
+def test_table_md_and_png(swept):
+    text = (swept / "results/sweep/table.md").read_text()
+    for model, sampler in [c.split("_") for c in COLUMNS]:
+        assert f"| {sweep.label(model, sampler, 0.0)} |" in text
+    assert "16 generated images" in text and "Floor" in text and "Device: cpu" in text
+    with Image.open(swept / "results/sweep/fid_vs_steps.png") as image:
+        image.load()
+        assert image.format == "PNG"
+    assert sorted(p.name for p in (swept / "results/sweep").iterdir()) == sorted(OUTPUTS)
+
+
+def test_mlflow_run_holds_metrics_and_artifacts(swept):
+    client, runs = mlflow_runs(swept)
+    [run] = [r for r in runs if r.data.tags["stage"] == "sweep"]
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    for c in COLUMNS:
+        for s in STEPS:
+            assert math.isfinite(metrics[f"fid_{c}_{s}"]) and f"seconds_{c}_{s}" in metrics
+    assert "floor_fid" in metrics and run.data.params["sweep.n_samples"] == "16"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == set(OUTPUTS)
+
+
+def test_step_counts_beyond_a_models_n_T_are_skipped(tmp_path, monkeypatch, capsys):
+    root = build_inputs(tmp_path, ddgm_n_T=5, sweep_params={"steps": [1, 10],
+                                                           "samplers": ["ddim"]})
+    run_stage(root, monkeypatch)
+    assert "skipping ddgm_ddim at 10 steps" in capsys.readouterr().err
+    table = json.loads((root / "results/sweep/table.json").read_text())
+    assert set(table["ddpm_ddim"]) == {"1", "10"} and set(table["ddgm_ddim"]) == {"1"}
+    assert "ddpm_ancestral" not in table
+    rows = list(csv.DictReader((root / "results/sweep/fid.csv").open()))
+    assert list(rows[0]) == ["steps", "ddpm_ddim", "ddgm_ddim"] and rows[1]["ddgm_ddim"] == ""
+    assert "| — |" in (root / "results/sweep/table.md").read_text()
+
+
+def test_more_samples_than_test_images_fails_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    root = build_inputs(tmp_path, sweep_params={"n_samples": N_TEST + 1})
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(root, monkeypatch)
+    assert exit_info.value.code == 2
+    assert "sweep.n_samples = 33" in capsys.readouterr().err
+    assert not (root / "results").exists()
+    _, runs = mlflow_runs(root)
+    assert [r.info.status for r in runs] == ["FAILED"]
