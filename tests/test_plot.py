@@ -1,0 +1,113 @@
+"""The plot stage: four PNGs from real (tiny) pipeline outputs, and the pixels behind them."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from diffusion.data import to_uint8
+from diffusion.model import load, save_model
+from diffusion.network import DenoiserCNN
+from diffusion.process import GammaProcess, GaussianProcess
+from stages import plot
+from tests.conftest import REPO, TINY_PARAMS, merge, write_synthetic_mnist
+
+N_T = 10
+FIGURES = ("loss_curves.png", "samples.png", "degradation.png", "trajectories.png")
+
+
+def make_inputs(root, model_n_T: int = N_T) -> None:
+    """What the plot stage reads: params, two untrained model files, logs, samples, MNIST."""
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PARAMS)
+    params["ddpm"]["n_T"] = params["ddgm"]["n_T"] = N_T
+    params["plot"] = {"n_digits": 2, "t_show": [0, 5, N_T]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_synthetic_mnist(root / "data/MNIST/raw", n_train=8, n_test=8)
+    processes = {"ddpm": GaussianProcess((1e-4, 0.02), model_n_T),
+                 "ddgm": GammaProcess((1e-4, 0.02), model_n_T, theta_0=0.001)}
+    rng = np.random.default_rng(0)
+    for name, process in processes.items():
+        torch.manual_seed(0)
+        net = DenoiserCNN((4, 4), "gelu")
+        save_model(root / "models" / name / "model.pt", net, net, process,
+                   {"model": name, "net": {"hidden": [4, 4], "activation": "gelu"}})
+        log = root / "results/train" / name / "log.csv"
+        log.parent.mkdir(parents=True)
+        log.write_text("epoch,train_loss,heldout_loss,images_per_s,seconds\n"
+                       "1,1.0,0.9,100,1.0\n2,0.8,0.85,100,1.0\n3,0.7,0.8,100,1.0\n")
+        (root / "results/sample" / name).mkdir(parents=True)
+        np.save(root / "results/sample" / name / "samples.npy",
+                rng.integers(0, 256, (20, 28, 28), dtype=np.uint8))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def test_stage_writes_four_legible_pngs_and_logs_them(workdir):
+    make_inputs(workdir)
+    plot.main()
+    for name in FIGURES:
+        path = workdir / "results/plot" / name
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            width, height = image.size
+        assert 400 <= width <= 3000 and 300 <= height <= 3000, (name, image.size)
+        assert path.stat().st_size > 5000, name  # drawn content, not an empty canvas
+    assert not list((workdir / "results/plot").glob(".*"))  # no temporary files left behind
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["mnist-diffusion"], output_format="list")
+    assert [r.data.tags["stage"] for r in runs] == ["plot"]
+    assert runs[0].info.status == "FINISHED"
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
+    assert logged == set(FIGURES)
+
+
+def test_stage_refuses_t_show_beyond_a_model_files_n_T(workdir, capsys):
+    make_inputs(workdir, model_n_T=5)  # params say n_T = 10, the model files have 5
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main()
+    assert exit_info.value.code == 2
+    assert "plot.t_show has t = 10, more than n_T = 5" in capsys.readouterr().err
+    assert not (workdir / "results/plot").exists()
+
+
+def test_degradation_rows_start_clean_and_end_as_unit_variance_noise():
+    processes = {"ddpm": GaussianProcess((1e-4, 0.02), 1000),
+                 "ddgm": GammaProcess((1e-4, 0.02), 1000, theta_0=0.001)}
+    x0 = torch.rand(16, 1, 28, 28) * 2 - 1
+    t_show = [0, 1, 1000]
+    rows = plot.degradation_rows(processes, x0, t_show, seed=3)
+    for name, process in processes.items():
+        assert rows[name].shape == (16, 3, 28, 28)
+        assert torch.equal(rows[name][:, 0], x0[:, 0])
+        end = rows[name][:, 2]
+        assert abs(end.mean()) < 0.05 and abs(end.std() - 1) < 0.05, name
+        # The noise at t = 1, recovered from x_1 = sqrt(ab) x0 + sqrt(1 - ab) eps.
+        ab = float(process.alpha_bar[1])
+        eps = ((rows[name][:, 1] - ab ** 0.5 * x0[:, 0]) / (1 - ab) ** 0.5).double().flatten()
+        skew = float(((eps - eps.mean()) ** 3).mean() / eps.std() ** 3)
+        # Gamma(k_bar_1 = 100) noise has skewness 2 / sqrt(100) = 0.2; Gaussian noise has 0.
+        assert (skew > 0.12) if name == "ddgm" else (abs(skew) < 0.08), (name, skew)
+    again = plot.degradation_rows(processes, x0, t_show, seed=3)
+    assert all(torch.equal(rows[n], again[n]) for n in processes)
+    assert not torch.equal(rows["ddpm"][:, 1], rows["ddgm"][:, 1])
+
+
+def test_reverse_trajectory_is_the_sampler_run_of_the_same_seed(workdir):
+    make_inputs(workdir)
+    model = load(workdir / "models/ddgm/model.pt", device="cpu")
+    steps, frames = plot.reverse_trajectory(model, n=3, points=4, seed=7)
+    assert steps == [10, 7, 3, 0]
+    assert frames.shape == (3, 4, 28, 28)
+    assert torch.equal(to_uint8(frames[:, -1].unsqueeze(1)), model.sample(3, seed=7))
