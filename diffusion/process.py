@@ -44,6 +44,17 @@ class NoiseProcess:
         self.beta = beta
         self.alpha = 1.0 - beta
         self.alpha_bar = torch.cumprod(self.alpha, dim=0)  # alpha_bar_0 = 1
+        self._device_copies: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def on(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """Schedule array ``name`` on ``device``, copied once and kept.
+
+        Copying it from the host every step would make the host wait for the GPU each time.
+        """
+        key = (name, torch.device(device))
+        if key not in self._device_copies:
+            self._device_copies[key] = getattr(self, name).to(key[1])
+        return self._device_copies[key]
 
     # --- the part that differs between processes -------------------------------------------
     def noise(self, t: torch.Tensor, shape: torch.Size | tuple[int, ...], *,
@@ -55,7 +66,8 @@ class NoiseProcess:
     # --- shared maths --------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Forward corruption x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho eq. 4)."""
-        alpha_bar = self.alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+        alpha_bar = self.on("alpha_bar", x0.device)[t].to(x0.dtype)
+        alpha_bar = alpha_bar.view(-1, *[1] * (x0.dim() - 1))
         return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * eps
 
     def training_target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -64,7 +76,8 @@ class NoiseProcess:
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert eq. 4 for x0 given a noise estimate: the one-step estimate of the clean image."""
-        alpha_bar = self.alpha_bar.to(x_t.device)[t].to(x_t.dtype).view(-1, *[1] * (x_t.dim() - 1))
+        alpha_bar = self.on("alpha_bar", x_t.device)[t].to(x_t.dtype)
+        alpha_bar = alpha_bar.view(-1, *[1] * (x_t.dim() - 1))
         return (x_t - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
     def prior(self, shape: tuple[int, ...], *, device: torch.device | str = "cpu",
@@ -110,7 +123,7 @@ class GammaProcess(NoiseProcess):
         # would quantise eps to steps of ~0.015 std. In float64 the draw and the subtraction keep
         # ~1e-11 resolution, so eps is exact for float32 use. Drawn on the target device: no
         # host round trip.
-        k_bar = self.k_bar.to(device)[t].view(-1, *[1] * (len(shape) - 1)).expand(shape)
+        k_bar = self.on("k_bar", device)[t].view(-1, *[1] * (len(shape) - 1)).expand(shape)
         k_bar = torch.where(k_bar > 0, k_bar, torch.ones_like(k_bar))  # t = 0 has no noise
         gamma = torch._standard_gamma(k_bar.contiguous(), generator=generator)
         return ((gamma - k_bar) / k_bar.sqrt()).to(torch.float32)

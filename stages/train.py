@@ -9,6 +9,10 @@ same fixed noise each time so successive grids are comparable.
 A killed run resumes from its last completed epoch on the next ``dvc repro``: the state is saved
 after every epoch under ``.resume/`` (outside DVC's outputs), keyed by the stage's params and
 input data, and removed once the stage finishes.
+
+Launched by ``torchrun --nproc_per_node=N -m stages.train <model>``, the N processes train one
+model data-parallel (diffusion/distributed.py: ``train.batch_size`` is per process, ``train.lr``
+is unchanged); rank 0 alone writes the outputs and the resume state and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion import distributed
 from diffusion.data import save_grid, to_uint8
 from diffusion.io import atomic_path, load_torch, save_json, save_torch
 from diffusion.model import default_device, save_model
@@ -58,6 +63,17 @@ def write_log(records: list[EpochRecord], path: Path) -> None:
         tmp.write_text(buffer.getvalue())
 
 
+class Silent:
+    """Stands in for the MLflow run and the progress bar on ranks other than 0: does nothing."""
+
+    run_id = experiment_id = None
+
+    def log_params(self, *args, **kwargs) -> None:
+        pass
+
+    log_metrics = log_artifact = finish = epoch_done = close = log_params
+
+
 def main() -> None:
     model = model_argument("train")
     stage = f"train@{model}"
@@ -74,7 +90,7 @@ def main() -> None:
     grids_dir = results_dir / "grids"
     checkpoint = resume_path(stage, params)
 
-    device = default_device()
+    world, device = distributed.init(default_device())
     torch.manual_seed(seed)  # the network's initial weights
     state = make_state(DenoiserCNN(tuple(net_config["hidden"]), net_config["activation"]),
                        config, device)
@@ -83,27 +99,28 @@ def main() -> None:
     if resumed:
         state.load_state_dict(saved)
     try:
-        run = Run(stage, model, run_id=saved.get("run_id"))
+        run = Run(stage, model, run_id=saved.get("run_id")) if world.is_main else Silent()
     except TrackingUnavailableError as error:
         fail(str(error))
     if not resumed:
         run.log_params({"model": model, "seed": seed, "data.train_subset": params["data"]["train_subset"],
                         "net": net_config, model: params[model], "train": train_params,
-                        "device": str(device)})
+                        "device": str(device), "world_size": world.world_size})
 
     train_images, _ = mnist_on(device, train=True, subset=params["data"]["train_subset"])
     test_images, _ = mnist_on(device, train=False)
     grids: dict[int, torch.Tensor] = {int(k): v for k, v in saved.get("grids", {}).items()}
-    if resumed:
-        print(f"{stage}: resuming from epoch {state.epoch} ({checkpoint})", flush=True)
-    for epoch, images in grids.items():  # DVC removed the outputs before re-running the stage
-        save_grid(images, grids_dir / f"epoch_{epoch:03d}.png")
-    write_log(state.log, results_dir / "log.csv")
+    if world.is_main:
+        if resumed:
+            print(f"{stage}: resuming from epoch {state.epoch} ({checkpoint})", flush=True)
+        for epoch, images in grids.items():  # DVC removed the outputs before re-running the stage
+            save_grid(images, grids_dir / f"epoch_{epoch:03d}.png")
+        write_log(state.log, results_dir / "log.csv")
 
     grid_noise = process.prior(
         (train_params["grid_size"], 1, 28, 28), device=device,
         generator=torch.Generator(device).manual_seed(seed + GRID_SEED_OFFSET))
-    progress = EpochProgress(config.epochs, state.epoch, stage)
+    progress = EpochProgress(config.epochs, state.epoch, stage) if world.is_main else Silent()
 
     def on_epoch(state: TrainState, record: EpochRecord) -> None:
         progress.epoch_done(record.epoch, record.train_loss, record.heldout_loss,
@@ -130,13 +147,21 @@ def main() -> None:
     except KeyboardInterrupt:
         progress.close()
         run.finish("KILLED")
-        fail(f"{stage} interrupted after epoch {state.epoch}; its state is saved in {checkpoint}. "
-             f"Run `dvc repro {stage}` to resume from there.", status=130)
+        # The interrupt may land between an epoch's end and its checkpoint: report the file's epoch.
+        saved_epoch = load_torch(checkpoint)["epoch"] if checkpoint.exists() else 0
+        if saved_epoch:
+            fail(f"{stage} interrupted; its state after epoch {saved_epoch} is saved in {checkpoint}. "
+                 f"Run `dvc repro {stage}` to resume from there.", status=130)
+        fail(f"{stage} interrupted during epoch 1, before any state was saved; "
+             f"`dvc repro {stage}` starts it again.", status=130)
     except NonFiniteLossError as error:
         progress.close()
         run.finish("FAILED")
         fail(f"{stage}: {error}")
     progress.close()
+    if not world.is_main:  # rank 0 writes the outputs
+        distributed.shutdown()
+        return
 
     save_model(models_dir / "model.pt", state.net, state.ema, process,
                {"model": model, "net": net_config, "seed": seed,
@@ -150,6 +175,7 @@ def main() -> None:
     last = state.log[-1]
     print(f"{stage}: {state.epoch} epochs, train loss {last.train_loss:.4f}, "
           f"held-out loss {last.heldout_loss:.4f} -> {models_dir / 'model.pt'}")
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import torch
 
 from diffusion.network import DenoiserCNN
 from diffusion.process import GammaProcess, GaussianProcess
-from diffusion.training import (NonFiniteLossError, TrainConfig, ema_update, make_state, train)
+from diffusion.training import (NonFiniteLossError, TrainConfig, autocast, denoising_loss,
+                                ema_update, make_state, train)
 
 CONFIG = TrainConfig(epochs=2, batch_size=32, lr=1e-3, ema_decay=0.99, holdout_subset=16, seed=5)
 
@@ -89,3 +90,37 @@ def test_non_finite_loss_stops_training_naming_epoch_and_step():
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 2 of 3"):
         train(state, GaussianProcess((1e-4, 0.02), 20), images(), images(seed=1), CONFIG)
     assert state.epoch == 0
+
+
+def test_bf16_autocast_losses_agree_with_fp32_within_2_percent():
+    process = GammaProcess((1e-4, 0.02), 20, 0.001)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config = TrainConfig(**{**CONFIG.__dict__, "precision": precision})
+        runs[precision] = train(fresh_state(config), process, images(), images(seed=1), config)
+    fp32, bf16 = runs["fp32"].log, runs["bf16"].log
+    assert [r.train_loss for r in fp32] != [r.train_loss for r in bf16]  # bf16 really ran
+    for a, b in zip(fp32, bf16):
+        assert b.train_loss == pytest.approx(a.train_loss, rel=0.02)
+        assert b.heldout_loss == pytest.approx(a.heldout_loss, rel=0.02)
+
+
+def test_bf16_autocast_touches_the_network_only_and_gamma_noise_stays_exact():
+    cpu = torch.device("cpu")
+    process = GammaProcess((1e-4, 0.02), 1000, 0.001)
+    t = torch.tensor([1, 500, 1000])
+    shape = (3, 1, 28, 28)
+    with autocast(cpu, "bf16"):
+        eps = process.noise(t, shape, generator=torch.Generator().manual_seed(0))
+        assert DenoiserCNN((4,))(eps, t / 1000).dtype == torch.bfloat16
+        x0 = torch.zeros(shape)
+        assert denoising_loss(DenoiserCNN((4,)), process, x0, t, eps, "bf16").dtype == torch.float32
+    # The same draw in float64 by hand: Gamma(k_bar_t, 1), centred and scaled, then float32.
+    k_bar = process.k_bar[t].view(-1, 1, 1, 1).expand(shape).contiguous()
+    gamma = torch._standard_gamma(k_bar, generator=torch.Generator().manual_seed(0))
+    assert eps.dtype == torch.float32
+    assert torch.equal(eps, ((gamma - k_bar) / k_bar.sqrt()).float())
+    # k_bar_T ~ 2.5e10: a draw in bf16 (or float32) would collapse eps to a few values.
+    assert eps[2].unique().numel() > 700
+    with pytest.raises(ValueError, match="precision = 'fp16' is not allowed"):
+        autocast(cpu, "fp16")

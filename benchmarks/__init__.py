@@ -1,0 +1,1 @@
+"""Speed measurements (not DVC stages): ``python -m benchmarks.speed``."""

@@ -1,0 +1,121 @@
+"""End to end: the real `dvc repro` on real MNIST with tiny params, in a scratch git repo.
+
+One scratch repo is shared by the tests of this module (module-scoped fixture), in order:
+the first repro and its outputs, MLflow's record of it, a second repro that runs nothing,
+and a change of ddgm.theta_0 that re-runs only what depends on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import TINY_PARAMS, make_scratch_repo, stage_env
+
+STAGES = ["download", "classifier", "train@ddpm", "train@ddgm", "sample@ddpm", "sample@ddgm",
+          "evaluate@ddpm", "evaluate@ddgm", "sweep", "plot"]
+
+
+def dvc(root: Path, *args: str) -> str:
+    result = subprocess.run(["dvc", *args], cwd=root, env=stage_env(root), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, mnist_raw_dir):
+    root = make_scratch_repo(tmp_path_factory.mktemp("pipeline"), mnist_dir=mnist_raw_dir)
+    output = dvc(root, "repro")
+    return root, output
+
+
+def test_stage_list_is_the_documented_one(pipeline):
+    root, _ = pipeline
+    listed = [line.split()[0] for line in dvc(root, "stage", "list").splitlines() if line.strip()]
+    assert listed == STAGES
+
+
+def test_first_repro_runs_every_stage_and_writes_every_output(pipeline):
+    root, output = pipeline
+    assert stages_run(output) == set(STAGES)
+    for model in ("ddpm", "ddgm"):
+        assert (root / "models" / model / "model.pt").is_file()
+        rows = list(csv.DictReader((root / "results/train" / model / "log.csv").open()))
+        assert [int(r["epoch"]) for r in rows] == [1]
+        assert all(float(r["train_loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+        assert (root / "results/train" / model / "grids" / "epoch_001.png").is_file()
+        samples = np.load(root / "results/sample" / model / "samples.npy")
+        assert samples.shape == (TINY_PARAMS["sample"]["n_samples"], 28, 28)
+        assert samples.dtype == np.uint8
+        metrics = json.loads((root / "results/evaluate" / model / "metrics.json").read_text())
+        assert metrics["n_samples"] == TINY_PARAMS["evaluate"]["n_samples"]
+        assert 0 < metrics["heldout_loss"] < 2
+        assert all(f"psnr_t{t}" in metrics for t in TINY_PARAMS["evaluate"]["psnr_t"])
+        # A less noisy input gives a better one-step estimate of x0.
+        assert metrics["psnr_t2"] > metrics["psnr_t9"]
+        for group in ("quality", "floor"):
+            assert np.isfinite(metrics[group]["fid"]) and 0 <= metrics[group]["precision"] <= 1
+    assert json.loads((root / "results/classifier/metrics.json").read_text())["test_accuracy"] > 0.9
+    assert (root / "results/sweep/table.json").is_file()
+    assert len(list((root / "results/plot").glob("*.png"))) >= 4
+
+
+def test_dvc_metrics_and_plots_see_the_outputs(pipeline):
+    root, _ = pipeline
+    metrics = json.loads(dvc(root, "metrics", "show", "--json"))
+    files = next(iter(metrics.values()))["data"]
+    assert {"results/evaluate/ddpm/metrics.json", "results/evaluate/ddgm/metrics.json",
+            "results/classifier/metrics.json"} <= set(files)
+    dvc(root, "plots", "show", "--json")
+    assert "ddgm" in dvc(root, "params", "diff", "--all")
+
+
+def test_mlflow_holds_tagged_runs_with_evaluation_on_the_training_run(pipeline):
+    root, _ = pipeline
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-diffusion")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    by_stage = {run.data.tags["stage"]: run for run in runs}
+    assert set(STAGES) - {"download"} <= set(by_stage)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["git_commit"] not in ("", "unknown")
+    for model in ("ddpm", "ddgm"):
+        train_run = by_stage[f"train@{model}"]
+        assert train_run.data.tags["model"] == model
+        assert {"train_loss", "heldout_loss", "images_per_s"} <= set(train_run.data.metrics)
+        assert "quality_fid" in train_run.data.metrics  # evaluation lands on the model's run
+        run_id = json.loads((root / "models" / model / "run.json").read_text())["run_id"]
+        assert run_id == train_run.info.run_id
+        evaluate_run = by_stage[f"evaluate@{model}"]
+        assert evaluate_run.data.tags["mlflow.parentRunId"] == run_id
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert "grids" in artifacts
+
+
+def test_second_repro_runs_nothing(pipeline):
+    root, _ = pipeline
+    assert stages_run(dvc(root, "repro")) == set()
+
+
+def test_changing_theta_0_reruns_only_the_ddgm_branch(pipeline):
+    root, _ = pipeline
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["ddgm"]["theta_0"] = 0.002
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = stages_run(dvc(root, "repro"))
+    assert rerun == {"train@ddgm", "sample@ddgm", "evaluate@ddgm", "sweep", "plot"}
