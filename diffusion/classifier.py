@@ -19,15 +19,15 @@ Contents:
 from __future__ import annotations
 
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffusion.io import load_torch, save_torch
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
@@ -219,31 +219,19 @@ def evaluate_accuracy(
 
 
 def save_classifier(model: MnistClassifier, path: str | os.PathLike) -> None:
-    """Save ``{"config": ..., "state_dict": ...}`` atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+    """Save ``{"config": ..., "state_dict": ...}`` atomically (diffusion.io.save_torch)."""
+    save_torch({
         "config": dict(model.config),
         "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-    }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; make it as readable as a normal file
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    }, path)
 
 
 def load_classifier(path: str | os.PathLike, device: torch.device) -> MnistClassifier:
     """Load a classifier written by ``save_classifier`` onto ``device``, in eval mode.
 
-    Uses ``weights_only=True`` so only tensors and plain containers are unpickled.
+    Through ``diffusion.io.load_torch``: only tensors and plain containers are unpickled.
     """
-    payload = torch.load(path, map_location=torch.device(device), weights_only=True)
+    payload = load_torch(path, map_location=torch.device(device))
     model = _build_model(seed=0, config=payload["config"])
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval()

@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
-
 from diffusion.io import atomic_path
 
 
@@ -26,6 +24,8 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def grid_image(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
     """uint8 (N, 28, 28) -> one uint8 (H, W) image of the N digits on a grid."""
+    from torchvision.utils import make_grid  # imported here: torchvision takes ~1 s to import
+
     n = images.shape[0]
     nrow = nrow or max(1, round(n ** 0.5))
     grid = make_grid(images.unsqueeze(1).cpu(), nrow=nrow, padding=padding, pad_value=255)

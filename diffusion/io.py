@@ -9,8 +9,10 @@ file that a later stage or DVC would take as done. Model files are loaded with
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +21,25 @@ from typing import Any
 import torch
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Temporary files of ``path`` left by an earlier writer that was killed (SIGKILL skips the
+    cleanup below) are removed first, so they never end up in a DVC output folder.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get a normal file's mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -66,9 +80,10 @@ def load_torch(path: Path | str, map_location: torch.device | str = "cpu") -> An
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises UnpicklingError for a disallowed global
         message = str(error)
-        if "weights_only" in message or "Unsupported global" in message:
-            found = next((line.split("GLOBAL", 1)[1].split()[0] for line in message.splitlines()
-                          if "Unsupported global: GLOBAL" in line), "an object")
+        if "weights_only" in message or "GLOBAL" in message:
+            # "Unsupported global: GLOBAL os.system" or "... unsupported GLOBAL os.system whose ..."
+            named = re.search(r"GLOBAL\s+([\w.]+)", message)
+            found = named.group(1) if named else "an object"
             raise UnsafeModelFileError(
                 f"{path}: refused to load: it holds {found}, a pickled object other than tensors "
                 "and plain values (it may carry code); only weights files are allowed") from None

@@ -3,18 +3,20 @@
 The model file (``models/<name>/model.pt``) is a plain dict of tensors and values:
 ``{"config": {...}, "ema": state_dict, "net": state_dict}``. It loads with
 ``torch.load(weights_only=True)``, so a file carrying pickled code is refused.
-``DiffusionModel`` wraps the EMA weights with the process for sampling and denoising.
+``DiffusionModel`` wraps the EMA weights with the process for sampling and denoising. It is an
+``nn.Module`` whose ``forward(x_t, t)`` predicts the noise, so MLflow's PyTorch flavour can log
+it whole (``mlflow.pytorch.load_model`` gives back an object that samples); ``load_from_mlflow``
+reads the weights-only copy logged next to it instead, without unpickling code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffusion.data import to_uint8
+from diffusion.data import to_model_range, to_uint8
 from diffusion.io import load_torch, save_torch
 from diffusion.network import DenoiserCNN
 from diffusion.process import NoiseProcess, make_process
@@ -36,21 +38,53 @@ def save_model(path: Path | str, net: nn.Module, ema: nn.Module, process: NoiseP
     }, path)
 
 
-@dataclass
-class DiffusionModel:
-    """EMA weights of a trained denoiser with its noise process, ready to sample."""
+class DiffusionModel(nn.Module):
+    """A trained denoiser (its EMA weights) with its noise process, ready to sample.
 
-    net: DenoiserCNN
-    process: NoiseProcess
-    config: dict
+    Images in model range are float (N, 1, 28, 28) in [-1, 1]; timesteps t run from 0 (clean)
+    to ``process.n_T`` and are given as an int (same t for every image) or a tensor (N,).
+    ``forward(x_t, t)`` is the network's noise estimate eps_theta(x_t, t).
+    """
+
+    def __init__(self, net: DenoiserCNN, process: NoiseProcess, config: dict | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.process = process
+        self.config = dict(config or {})
 
     @property
     def device(self) -> torch.device:
+        """The device the network's weights are on."""
         return next(self.net.parameters()).device
 
+    def __getstate__(self) -> dict:
+        # Pickle the process rebuilt from its config: its cache of device copies (maybe on a
+        # GPU) stays behind, so the pickle loads on a machine without that device.
+        state = self.__dict__.copy()
+        state["process"] = make_process(self.process.config())
+        return state
+
+    def _timesteps(self, t: int | torch.Tensor, n: int) -> torch.Tensor:
+        """``t`` as a long tensor (n,) on the model's device, checked against 0..n_T."""
+        t = torch.as_tensor(t, device=self.device).long().expand(n)
+        if n and (t.min() < 0 or t.max() > self.process.n_T):
+            raise ValueError(f"timestep t = {t.min().item()}..{t.max().item()} is not allowed: "
+                             f"must be between 0 and n_T = {self.process.n_T}")
+        return t
+
+    def forward(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """eps_theta(x_t, t): the noise estimate, float (N, 1, 28, 28)."""
+        t = self._timesteps(t, x_t.shape[0])
+        return self.net(x_t.to(self.device, torch.float32), t.float() / self.process.n_T).float()
+
+    @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, sampler: str = "ancestral",
                eta: float = 1.0, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
-        """``n`` generated digits as uint8 (n, 28, 28), reproducible from ``seed``."""
+        """``n`` generated digits as uint8 (n, 28, 28) on the CPU, reproducible from ``seed``.
+
+        ``sampler`` is "ancestral" (Ho et al. 2020, Algorithm 2) or "ddim" (Song et al. 2021,
+        eq. 12, with ``eta``); ``steps`` (default n_T) evenly spaced timesteps are used.
+        """
         generator = torch.Generator(self.device).manual_seed(seed)
         x = sample(self.net, self.process, n, steps=steps, sampler=sampler, eta=eta,
                    device=self.device, generator=generator, batch_size=batch_size)
@@ -59,16 +93,32 @@ class DiffusionModel:
     @torch.no_grad()
     def predict_noise(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """The network's eps estimate for x_t (float (N, 1, 28, 28), model range) at timestep t."""
-        x_t = x_t.to(self.device, torch.float32)
-        t = torch.as_tensor(t, device=self.device).expand(x_t.shape[0])
-        return self.net(x_t, t.float() / self.process.n_T).float()
+        return self(x_t, t)
 
     @torch.no_grad()
     def denoise(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """One-step estimate of the clean image x0 from x_t (Ho et al. 2020, eq. 15)."""
-        t = torch.as_tensor(t, device=self.device).expand(x_t.shape[0])
+        """One-step estimate of the clean image x0 from x_t (Ho et al. 2020, eq. 15):
+        x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_bar_t).
+        """
+        t = self._timesteps(t, x_t.shape[0])
         return self.process.predict_x0(x_t.to(self.device, torch.float32), t,
                                        self.predict_noise(x_t, t))
+
+    @torch.no_grad()
+    def corrupt(self, x0: torch.Tensor, t: int | torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+        """x_t ~ q(x_t | x0) = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. eq. 4),
+        with this model's noise eps (Gaussian for DDPM, centred Gamma for DDGM).
+
+        ``x0`` is uint8 MNIST digits (N, 28, 28) or float (N, 1, 28, 28) in model range; the
+        result is float (N, 1, 28, 28) in model range, reproducible from ``seed``.
+        """
+        if x0.dtype == torch.uint8:
+            x0 = to_model_range(x0)
+        x0 = x0.to(self.device, torch.float32)
+        t = self._timesteps(t, x0.shape[0])
+        generator = torch.Generator(self.device).manual_seed(seed)
+        eps = self.process.noise(t, x0.shape, device=self.device, generator=generator)
+        return self.process.q_sample(x0, t, eps)
 
 
 def load(path: Path | str, device: torch.device | str | None = None,
@@ -81,4 +131,44 @@ def load(path: Path | str, device: torch.device | str | None = None,
     config = state["config"]
     net = DenoiserCNN(tuple(config["net"]["hidden"]), config["net"]["activation"])
     net.load_state_dict(state[weights])
-    return DiffusionModel(net.to(device).eval(), make_process(config["process"]), config)
+    return DiffusionModel(net.to(device), make_process(config["process"]), config).eval()
+
+
+# Where the MLflow model directory logged by the train stage keeps the weights-only model file
+# (passed as an extra file to mlflow.pytorch.log_model).
+MLFLOW_MODEL_FILE = "extra_files/model.pt"
+
+
+def load_from_mlflow(uri: str, device: torch.device | str | None = None,
+                     tracking_uri: str | None = None) -> DiffusionModel:
+    """Load a model logged to MLflow by the train stage, without unpickling code.
+
+    ``uri`` is a run id (its model ``runs:/<id>/model``), any MLflow model URI
+    (``runs:/<id>/model``, ``models:/<model id>``) or a local MLflow model folder. The store is
+    ``tracking_uri``, else MLflow's default (``MLFLOW_TRACKING_URI`` or ``./mlflow.db``, the
+    pipeline's store when run from the repo root). MLflow is imported only here.
+    """
+    import tempfile
+
+    import mlflow
+
+    uri = str(uri)
+    missing = (f"{uri} holds no {MLFLOW_MODEL_FILE}: it is not a model logged by the train stage "
+               "(mlflow.pytorch.load_model may still load it)")
+    if Path(uri).is_dir():
+        if not (Path(uri) / MLFLOW_MODEL_FILE).is_file():
+            raise FileNotFoundError(missing)
+        return load(Path(uri) / MLFLOW_MODEL_FILE, device=device)
+    if ":/" not in uri:
+        uri = f"runs:/{uri}/model"
+    with tempfile.TemporaryDirectory() as folder:  # the file is read into memory, then removed
+        if uri.startswith("runs:/"):  # fetch only the weights file, not the pickle and the code
+            path = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{uri.rstrip('/')}/{MLFLOW_MODEL_FILE}", dst_path=folder,
+                tracking_uri=tracking_uri))
+        else:
+            path = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=folder, tracking_uri=tracking_uri)) / MLFLOW_MODEL_FILE
+            if not path.is_file():
+                raise FileNotFoundError(missing)
+        return load(path, device=device)

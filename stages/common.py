@@ -28,6 +28,14 @@ def plain(params: dict) -> dict:
     return json.loads(json.dumps(params))
 
 
+def parent_run_id(models_dir: Path) -> str | None:
+    """The MLflow run of the model in ``models_dir`` (from its run.json), or None if unrecorded."""
+    try:
+        return json.loads((models_dir / "run.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def fail(message: str, status: int = 1) -> None:
     """One line on stderr, non-zero exit."""
     print(f"error: {message}", file=sys.stderr)

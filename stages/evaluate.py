@@ -13,7 +13,6 @@ The metrics go to an MLflow run nested under the model's training run, and onto 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,11 @@ import torch
 
 from diffusion.classifier import embed, load_classifier
 from diffusion.data import to_model_range
-from diffusion.io import save_json
+from diffusion.io import UnsafeModelFileError, save_json
 from diffusion.metrics import psnr, quality_metrics
 from diffusion.model import DiffusionModel, load
 from diffusion.training import heldout_loss
-from stages.common import fail, mnist_reference, model_argument, plain
+from stages.common import fail, mnist_reference, model_argument, parent_run_id, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -57,14 +56,17 @@ def main() -> None:
         fail(f"evaluate.n_samples = {n} but results/sample/{model_name} holds only "
              f"{samples.shape[0]} images: raise sample.n_samples or lower evaluate.n_samples",
              status=2)
-    parent = json.loads((models_dir / "run.json").read_text())["run_id"]
+    parent = parent_run_id(models_dir)
     try:
         run = Run(stage, model_name, parent_run_id=parent)
     except TrackingUnavailableError as error:
         fail(str(error))
     run.log_params({"seed": seed, "evaluate": settings})
 
-    model = load(models_dir / "model.pt")
+    try:
+        model = load(models_dir / "model.pt")
+    except UnsafeModelFileError as error:
+        fail(str(error))
     device = model.device
     too_big = [t for t in settings["psnr_t"] if t > model.process.n_T]
     if too_big:
@@ -92,7 +94,8 @@ def main() -> None:
     for group in ("quality", "floor"):
         flat.update({f"{group}_{k}": v for k, v in metrics[group].items()})
     run.log_metrics(flat)
-    run.log_metrics(flat, run_id=parent)  # also on the training run, beside its curves
+    if parent:
+        run.log_metrics(flat, run_id=parent)  # also on the training run, beside its curves
     run.finish()
     print(f"{stage}: held-out loss {metrics['heldout_loss']:.4f}, FID {metrics['quality']['fid']:.2f} "
           f"(floor {metrics['floor']['fid']:.2f}) on {n} samples")

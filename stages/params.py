@@ -142,6 +142,8 @@ def Int(lo=None, hi=None, note=""):
 
 
 POSITIVE = Number(float, 0, lo_open=True)  # a number > 0
+# The optimiser holds lr as float32: larger values overflow before the first step.
+LEARNING_RATE = Number(float, 0, 3.4e38, lo_open=True, note="the optimiser's float32")
 UNIT = Number(float, 0, 1)                 # a number in [0, 1]
 FOR_METRICS = "precision/recall with k = 3 needs more than 3 images"
 MODEL = {"betas": Betas(), "n_T": Int(1)}
@@ -151,14 +153,14 @@ SCHEMA = {
     "net": {"hidden": List(Int(1)), "activation": Choice(ACTIVATIONS)},
     "ddpm": dict(MODEL),
     "ddgm": {**MODEL, "theta_0": POSITIVE},
-    "train": {"epochs": Int(1), "batch_size": Int(1), "lr": POSITIVE,
+    "train": {"epochs": Int(1), "batch_size": Int(1), "lr": LEARNING_RATE,
               "ema_decay": Number(float, 0, 1, hi_open=True), "grid_every": Int(1), "grid_size": Int(1),
               "holdout_subset": Int(0, MNIST_TEST, note="0 = all"), "compile": OfType(bool, "true or false")},
     "sample": {"n_samples": Int(1), "sampler": Choice(SAMPLERS), "steps": Int(1, min_n_t),
                "eta": UNIT, "batch_size": Int(1)},
     "evaluate": {"n_samples": Int(MIN_METRIC_SAMPLES, sample_n_samples, note=FOR_METRICS),
                  "psnr_t": List(Int(1, min_n_t)), "batch_size": Int(1)},
-    "classifier": {"epochs": Int(1), "batch_size": Int(1), "lr": POSITIVE},
+    "classifier": {"epochs": Int(1), "batch_size": Int(1), "lr": LEARNING_RATE},
     "sweep": {"steps": List(Int(1, min_n_t)), "samplers": List(Choice(SAMPLERS)),
               "n_samples": Int(MIN_METRIC_SAMPLES, note=FOR_METRICS), "eta": UNIT,
               "batch_size": Int(1)},

@@ -21,7 +21,7 @@ import torch
 from matplotlib.figure import Figure  # drawn with Agg, no GUI backend or pyplot state
 
 from diffusion.data import grid_image, to_model_range
-from diffusion.io import atomic_path
+from diffusion.io import UnsafeModelFileError, atomic_path
 from diffusion.mnist import load_mnist
 from diffusion.model import DiffusionModel, load
 from diffusion.process import NoiseProcess
@@ -147,7 +147,10 @@ def load_samples(path: Path) -> np.ndarray:
 def main() -> None:
     params = load_params_or_exit("plot")
     seed, n_digits, t_show = params["seed"], params["plot"]["n_digits"], params["plot"]["t_show"]
-    models = {name: load(Path("models") / name / "model.pt") for name in MODELS}
+    try:
+        models = {name: load(Path("models") / name / "model.pt") for name in MODELS}
+    except UnsafeModelFileError as error:
+        fail(str(error))
     for name, model in models.items():
         if max(t_show) > model.process.n_T:
             fail(f"plot.t_show has t = {max(t_show)}, more than n_T = {model.process.n_T} of "

@@ -6,16 +6,15 @@ and logs them to an MLflow run nested under the model's training run.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from diffusion.data import save_grid
-from diffusion.io import atomic_path
+from diffusion.io import UnsafeModelFileError, atomic_path
 from diffusion.model import load
-from stages.common import fail, model_argument, plain
+from stages.common import fail, model_argument, parent_run_id, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -28,8 +27,11 @@ def main() -> None:
     params = plain(load_params_or_exit(stage))
     settings = params["sample"]
     models_dir, out_dir = Path("models") / model_name, Path("results/sample") / model_name
-    parent = json.loads((models_dir / "run.json").read_text())["run_id"]
-    model = load(models_dir / "model.pt")
+    parent = parent_run_id(models_dir)
+    try:
+        model = load(models_dir / "model.pt")
+    except UnsafeModelFileError as error:
+        fail(str(error))
     if settings["steps"] > model.process.n_T:
         fail(f"sample.steps = {settings['steps']} is more than this model's n_T = "
              f"{model.process.n_T}", status=2)

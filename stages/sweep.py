@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from diffusion.classifier import embed, load_classifier
-from diffusion.io import atomic_path, save_json, save_text
+from diffusion.io import UnsafeModelFileError, atomic_path, save_json, save_text
 from diffusion.metrics import quality_metrics
 from diffusion.model import load
 from stages.common import MODELS, RAW_DIR, fail, mnist_reference, plain
@@ -198,6 +198,9 @@ def main() -> None:
                     run.log_metrics({f"fid_{c}": cell["fid"]}, step=count)  # a curve in MLflow
                     print(f"sweep: {c:16s} {count:5d} steps  FID {cell['fid']:8.2f}  "
                           f"{seconds:7.1f} s", flush=True)
+    except UnsafeModelFileError as error:
+        run.finish("FAILED")
+        fail(str(error))
     except BaseException:
         run.finish("FAILED")
         raise

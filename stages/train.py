@@ -168,7 +168,8 @@ def main() -> None:
                 "train_subset": params["data"]["train_subset"], "train": train_params,
                 "epochs_trained": state.epoch})
     save_json({"run_id": run.run_id, "experiment_id": run.experiment_id}, models_dir / "run.json")
-    run.log_artifact(models_dir / "model.pt", "model")
+    run.log_artifact(models_dir / "model.pt", "model_file")
+    run.log_pytorch_model(models_dir / "model.pt")  # runs:/<id>/model, mlflow.pytorch flavour
     run.log_artifact(results_dir / "log.csv")
     run.finish()
     checkpoint.unlink(missing_ok=True)

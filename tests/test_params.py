@@ -68,9 +68,10 @@ BAD = [  # (key, bad value, fragment of the allowed values)
     ("sample.batch_size", 0, "an integer >= 1"),
     ("evaluate.batch_size", -1, "an integer >= 1"),
     ("classifier.batch_size", 0, "an integer >= 1"),
-    ("train.lr", 0.0, "a number > 0"),
-    ("train.lr", -2e-4, "a number > 0"),
-    ("classifier.lr", 0, "a number > 0"),
+    ("train.lr", 0.0, "a number in (0, 3.4e+38]"),
+    ("train.lr", -2e-4, "a number in (0, 3.4e+38]"),
+    ("train.lr", 1e300, "a number in (0, 3.4e+38]"),
+    ("classifier.lr", 0, "a number in (0, 3.4e+38]"),
     ("train.ema_decay", 1.0, "a number in [0, 1)"),
     ("train.ema_decay", -0.1, "a number in [0, 1)"),
     ("sample.sampler", "euler", "one of ancestral, ddim"),
@@ -107,9 +108,9 @@ BAD = [  # (key, bad value, fragment of the allowed values)
     ("train.compile", "yes", "true or false"),
     ("train.epochs", True, "an integer >= 1"),   # a bool is not an int
     ("seed", False, "an integer"),
-    ("train.lr", "fast", "a number > 0"),          # a non-numeric string is not a number
-    ("train.lr", float("nan"), "a number > 0"),
-    ("train.lr", float("inf"), "a number > 0"),
+    ("train.lr", "fast", "a number in (0, 3.4e+38]"),   # a non-numeric string is not a number
+    ("train.lr", float("nan"), "a number in (0, 3.4e+38]"),
+    ("train.lr", float("inf"), "a number in (0, 3.4e+38]"),
     ("train.epochs", 10.0, "an integer >= 1"),     # a float is not an int
     ("net", [16, 32], "must be a mapping with keys hidden, activation"),
 ]
@@ -126,7 +127,8 @@ def test_message_format_is_exact():
     assert error_of(with_value("ddgm.theta_0", -1.0)) == \
         "params.yaml: ddgm.theta_0 = -1.0 is not allowed: must be a number > 0"
     assert error_of(with_value("train.lr", "fast")) == \
-        "params.yaml: train.lr = 'fast' is not allowed: must be a number > 0"
+        "params.yaml: train.lr = 'fast' is not allowed: must be a number in (0, 3.4e+38] " \
+        "(the optimiser's float32)"
 
 
 def test_steps_above_one_models_n_t_names_that_model():
