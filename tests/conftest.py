@@ -75,15 +75,20 @@ def make_scratch_repo(root: Path, params: dict | None = None, mnist_dir: Path | 
     else:
         write_synthetic_mnist(raw)
     if git:
-        run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True)
-        run("git", "init", "-q", "-b", "main")
-        run("git", "config", "user.email", "tests@example.com")
-        run("git", "config", "user.name", "tests")
-        run("dvc", "init", "-q")
-        run("dvc", "config", "core.analytics", "false")
-        run("git", "add", "-A", ":!data")
-        run("git", "commit", "-q", "-m", "scratch pipeline")
+        init_git_and_dvc(root)
     return root
+
+
+def init_git_and_dvc(root: Path) -> None:
+    """Make ``root`` a git + DVC repo (analytics off) and commit everything but data/."""
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True)
+    run("git", "init", "-q", "-b", "main")
+    run("git", "config", "user.email", "tests@example.com")
+    run("git", "config", "user.name", "tests")
+    run("dvc", "init", "-q")
+    run("dvc", "config", "core.analytics", "false")
+    run("git", "add", "-A", ":!data")
+    run("git", "commit", "-q", "-m", "scratch pipeline")
 
 
 def stage_env(root: Path) -> dict[str, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import nbformat
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-from conftest import REPO, make_scratch_repo
+from tests.conftest import REPO, init_git_and_dvc, make_scratch_repo
 
 NOTEBOOK = REPO / "notebooks" / "mnist_diffusion.ipynb"
 
@@ -44,14 +43,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory, mnist_raw_dir: Path):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "notebooks").mkdir()
     shutil.copy(NOTEBOOK, root / "notebooks" / NOTEBOOK.name)
-    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True)
-    run("git", "init", "-q", "-b", "main")
-    run("git", "config", "user.email", "tests@example.com")
-    run("git", "config", "user.name", "tests")
-    run("dvc", "init", "-q")
-    run("dvc", "config", "core.analytics", "false")
-    run("git", "add", "-A", ":!data")
-    run("git", "commit", "-q", "-m", "scratch repo")
+    init_git_and_dvc(root)
 
     mp = pytest.MonkeyPatch()
     for name in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))]:
