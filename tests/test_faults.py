@@ -583,6 +583,7 @@ def test_two_queued_experiments_run_in_parallel_into_one_mlflow_store(tmp_path):
     for command in (("git", "init", "-q", "-b", "main"), ("git", "config", "user.email", "t@example.com"),
                     ("git", "config", "user.name", "t"), ("dvc", "init", "-q"),
                     ("dvc", "config", "core.analytics", "false"), ("git", "add", "-A"),
+                    ("git", "add", "-f", "data/MNIST/raw"),  # .gitignore names it: it is a download output
                     ("git", "commit", "-q", "-m", "scratch")):
         sh(*command)
     names = []
