@@ -15,6 +15,7 @@ References:
                for Assessing Generative Models", k-NN-radius manifold estimate (eq. 1-3).
     Class balance / total variation   fraction of samples per predicted digit and
                TV(p, q) = 1/2 sum |p - q|.
+    Nearest neighbours   k-NN in feature space, for the memorisation check of the plot stage.
 
 Defaults of ``quality_metrics``: KID uses ``KID_SUBSETS = 100`` random subsets of
 ``min(KID_SUBSET_SIZE = 1000, n_fake, n_reference)`` samples per set; precision/recall use
@@ -228,6 +229,31 @@ def precision_recall(real_feats: ArrayLike, fake_feats: ArrayLike, k: int = PR_K
     precision = _fraction_inside(fake, real, _knn_radii(real, k))
     recall = _fraction_inside(real, fake, _knn_radii(fake, k))
     return precision, recall
+
+
+def nearest_neighbours(queries: ArrayLike, support: ArrayLike, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest support points of each query, by Euclidean distance in float64.
+
+    Returns ``(distances, indices)``, both of shape (n_queries, k), nearest first. Used as a
+    memorisation check: samples much closer to training images than held-out images are
+    hint at copies of the training set.
+    """
+    queries_64 = _as_torch64(queries, "queries")
+    support_64 = _as_torch64(support, "support").to(queries_64.device)
+    if queries_64.shape[1] != support_64.shape[1]:
+        raise ValueError(f"nearest_neighbours: feature dimensions differ "
+                         f"({queries_64.shape[1]} vs {support_64.shape[1]})")
+    if not 1 <= k <= support_64.shape[0]:
+        raise ValueError(f"k must be between 1 and the support size {support_64.shape[0]}, got {k}")
+    distances, indices = [], []
+    rows = max(1, PR_CHUNK * 10_000 // max(support_64.shape[0], 1))  # about 80 MB per block
+    for first in range(0, queries_64.shape[0], rows):
+        block = torch.cdist(queries_64[first : first + rows], support_64).topk(k, dim=1, largest=False)
+        distances.append(block.values.cpu())
+        indices.append(block.indices.cpu())
+    if not distances:
+        return np.zeros((0, k)), np.zeros((0, k), dtype=np.int64)
+    return torch.cat(distances).numpy(), torch.cat(indices).numpy()
 
 
 def class_balance(probs: ArrayLike) -> np.ndarray:

@@ -1,6 +1,6 @@
 """DVC stage plot: figures that compare DDPM and DDGM, drawn from the pipeline's own outputs.
 
-Writes four PNGs to ``results/plot/`` and logs them to MLflow:
+Writes seven PNGs to ``results/plot/`` and logs them to MLflow:
 
 - ``loss_curves.png``: train and held-out loss per epoch (``results/train/<model>/log.csv``).
 - ``samples.png``: the first 64 sampled digits of each model (``results/sample/<model>``).
@@ -9,24 +9,35 @@ Writes four PNGs to ``results/plot/`` and logs them to MLflow:
   Gamma noise for DDGM, with the schedules stored in the model files.
 - ``trajectories.png``: x_t along ancestral sampling (Ho et al. 2020, Algorithm 2) of a few
   digits per model, from t = n_T down to 0.
+- ``class_balance.png``: the fraction of each model's samples per predicted digit, beside the
+  real training images' (``results/evaluate/<model>/metrics.json``, quality and floor).
+- ``precision_recall.png``: precision and recall (Kynkäänniemi et al. 2019) of each model and of
+  real training images, against the test set (same files).
+- ``memorisation.png``: a few samples of each model beside their nearest training images in the
+  feature space of the stage ``classifier``'s network, with the median nearest-training distance
+  of ``MEMORISATION_CHECK`` samples and of as many held-out test digits: samples much closer to
+  the training set than unseen real digits are would be copies of it.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # drawn with Agg, no GUI backend or pyplot state
 
+from diffusion.classifier import embed, load_classifier
 from diffusion.data import grid_image, to_model_range
 from diffusion.io import UnsafeModelFileError, atomic_path
+from diffusion.metrics import nearest_neighbours
 from diffusion.mnist import load_mnist
 from diffusion.model import DiffusionModel, load
 from diffusion.process import NoiseProcess
 from diffusion.sampling import sample
-from stages.common import MODELS, RAW_DIR, fail, plain
+from stages.common import MODELS, RAW_DIR, fail, mnist_reference, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -34,6 +45,8 @@ OUT_DIR = Path("results/plot")
 LABELS = {"ddpm": "DDPM (Gaussian)", "ddgm": "DDGM (Gamma)"}
 COLORS = {"ddpm": "tab:blue", "ddgm": "tab:orange"}
 GRID_IMAGES, TRAJECTORIES, TRAJECTORY_POINTS, DPI = 64, 4, 8, 120
+MEMORISATION_ROWS, NEIGHBOURS, MEMORISATION_CHECK = 4, 3, 1000
+REAL_LABEL, REAL_COLOR = "real training images", "tab:gray"
 CLIPPED = dict(cmap="gray", vmin=-1.0, vmax=1.0)  # model range [-1, 1]; values outside are clipped
 
 
@@ -144,11 +157,108 @@ def load_samples(path: Path) -> np.ndarray:
     return images
 
 
+def read_metrics(path: Path) -> dict:
+    """An evaluate stage's metrics.json, checked for what the quality figures draw."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        fail(f"{path}: cannot read the evaluate stage's metrics ({error})")
+    wanted = ["precision", "recall", "class_tv", "n_samples"] + [f"class_fraction_{d}" for d in range(10)]
+    for group in ("quality", "floor"):
+        missing = [key for key in wanted if key not in metrics.get(group, {})]
+        if missing:
+            fail(f"{path}: '{group}' lacks {', '.join(missing)}; re-run the evaluate stage")
+    return metrics
+
+
+def grouped_bars(ax, groups: list[str], series: list[tuple[str, str, list[float]]],
+                 annotate: bool = False) -> None:
+    """One cluster of bars per group, one bar per (label, colour, values) series."""
+    width = 0.8 / len(series)
+    for i, (label, color, values) in enumerate(series):
+        positions = np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width
+        bars = ax.bar(positions, values, width, label=label, color=color)
+        if annotate:
+            ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(np.arange(len(groups)), groups)
+
+
+def quality_series(metrics: dict[str, dict], keys: list[str],
+                   label: str = "") -> list[tuple[str, str, list[float]]]:
+    """Bar series of ``keys`` for each model's samples, then for the real training images.
+
+    The real row is the evaluate stage's floor: the same metrics for as many training images
+    against the test set (equal for both models, which share ``evaluate.n_samples`` and seed).
+    """
+    def suffix(values: dict) -> str:
+        return label.format(**values) if label else ""
+
+    series = [(LABELS[name] + suffix(m["quality"]), COLORS[name], [m["quality"][k] for k in keys])
+              for name, m in metrics.items()]
+    floor = next(iter(metrics.values()))["floor"]
+    series.append((REAL_LABEL + suffix(floor), REAL_COLOR, [floor[k] for k in keys]))
+    return series
+
+
+def plot_class_balance(metrics: dict[str, dict]) -> None:
+    fig = Figure(figsize=(7.4, 4.2), layout="constrained")
+    ax = fig.subplots()
+    grouped_bars(ax, [str(d) for d in range(10)],
+                 quality_series(metrics, [f"class_fraction_{d}" for d in range(10)],
+                                " (TV to test set {class_tv:.3f})"))
+    ax.axhline(0.1, color="black", lw=0.8, ls=":", label="uniform (0.1)")
+    n = next(iter(metrics.values()))["quality"]["n_samples"]
+    ax.set(title=f"Predicted digit of {n} images per set (stage classifier)",
+           xlabel="predicted digit", ylabel="fraction of images")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, "class_balance.png")
+
+
+def plot_precision_recall(metrics: dict[str, dict]) -> None:
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.subplots()
+    grouped_bars(ax, ["precision", "recall"], quality_series(metrics, ["precision", "recall"]),
+                 annotate=True)
+    n = next(iter(metrics.values()))["quality"]["n_samples"]
+    ax.set(title=f"Precision and recall against the test set, k = 3, {n} images per set",
+           ylabel="fraction", ylim=(0, 1.12))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center")
+    save_figure(fig, "precision_recall.png")
+
+
+def plot_memorisation(samples: dict[str, np.ndarray], train_images: np.ndarray,
+                      neighbours: dict[str, tuple[np.ndarray, np.ndarray]], held_out: str) -> None:
+    """Rows of [sample | its nearest training images], the feature distance under each."""
+    rows = [(name, i) for name in samples for i in range(MEMORISATION_ROWS)]
+    fig = Figure(figsize=(1.1 * (NEIGHBOURS + 1) + 1.6, 1.15 * len(rows) + 1.2), layout="constrained")
+    axes = fig.subplots(len(rows), NEIGHBOURS + 1, squeeze=False)
+    for r, (name, i) in enumerate(rows):
+        distances, indices = neighbours[name]
+        images = [samples[name][i]] + [train_images[j] for j in indices[i]]
+        for c, image in enumerate(images):
+            ax = axes[r, c]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([]), ax.set_yticks([])
+            if c:
+                ax.set_xlabel(f"d = {distances[i, c - 1]:.2f}", fontsize=7, labelpad=1)
+            if r == 0:
+                ax.set_title("sample" if c == 0 else f"nearest {c}", fontsize=9)
+        axes[r, 0].set_ylabel(f"{name.upper()} {i + 1}", fontsize=8, rotation=0, ha="right", va="center")
+    medians = ", ".join(f"{name.upper()} {np.median(neighbours[name][0][:, 0]):.2f}" for name in samples)
+    fig.suptitle("Samples beside their nearest training images (classifier features)\n"
+                 f"median nearest distance: {medians}; {held_out}", fontsize=9)
+    save_figure(fig, "memorisation.png")
+
+
 def main() -> None:
     params = load_params_or_exit("plot")
     seed, n_digits, t_show = params["seed"], params["plot"]["n_digits"], params["plot"]["t_show"]
     try:
         models = {name: load(Path("models") / name / "model.pt") for name in MODELS}
+        classifier = load_classifier(Path("models/classifier/classifier.pt"),
+                                     next(iter(models.values())).device)
     except UnsafeModelFileError as error:
         fail(str(error))
     for name, model in models.items():
@@ -158,6 +268,11 @@ def main() -> None:
     digits = load_mnist(RAW_DIR, train=False)[0][:n_digits]
     logs = {name: read_log(Path("results/train") / name / "log.csv") for name in MODELS}
     samples = {name: load_samples(Path("results/sample") / name / "samples.npy") for name in MODELS}
+    metrics = {name: read_metrics(Path("results/evaluate") / name / "metrics.json") for name in MODELS}
+    too_few = {name: len(images) for name, images in samples.items() if len(images) < MEMORISATION_ROWS}
+    if too_few:
+        fail(f"the memorisation panel shows {MEMORISATION_ROWS} samples per model, but "
+             f"results/sample holds {too_few}: raise sample.n_samples", status=2)
     try:
         run = Run("plot")
     except TrackingUnavailableError as error:
@@ -181,6 +296,20 @@ def main() -> None:
                for ts in zip(*steps)]
     plot_frames(rows, columns, f"Ancestral sampling from t = n_T to 0, seed {seed} "
                 "(pixels clipped to [-1, 1])", "trajectories.png")
+
+    plot_class_balance(metrics)
+    plot_precision_recall(metrics)
+    train_images = load_mnist(RAW_DIR, train=True)[0]
+    checked = {name: torch.from_numpy(images[:MEMORISATION_CHECK]) for name, images in samples.items()}
+    n_held_out = min(MEMORISATION_CHECK, max(len(images) for images in checked.values()))
+    checked["held-out"] = mnist_reference(torch.device("cpu"), train=False, n=n_held_out, seed=seed)
+    features = {name: embed(classifier, images)[0] for name, images in checked.items()}
+    train_features = embed(classifier, train_images)[0]
+    neighbours = {name: nearest_neighbours(feats, train_features, NEIGHBOURS)
+                  for name, feats in features.items()}
+    held_out = neighbours.pop("held-out")[0][:, 0]
+    plot_memorisation(samples, train_images.numpy(), neighbours,
+                      f"{len(held_out)} held-out test digits {np.median(held_out):.2f}")
 
     run.log_artifacts(OUT_DIR)
     run.finish()

@@ -7,7 +7,8 @@ the features of the stage ``classifier``'s network in place of Inception-v3.
 For every sampler in ``sweep.samplers``, model (ddpm, ddgm) and step count in ``sweep.steps``, the
 stage draws ``sweep.n_samples`` images from the model's EMA weights (same ``seed`` in every cell,
 so every cell starts from the same noise; ``sweep.eta`` for DDIM, the ancestral sampler has no eta)
-and scores them against the first ``sweep.n_samples`` MNIST test images (``quality_metrics``).
+and scores them against ``sweep.n_samples`` MNIST test images, a random subset fixed by ``seed``
+(``quality_metrics``).
 The floor is the score of as many real training images: what a perfect model gets at this sample
 count. Outputs, in ``results/sweep/``:
 
@@ -90,9 +91,9 @@ def markdown_report(table: Table, rows: dict[str, str], steps: list[int], floor:
                     n_samples: int, device: str) -> str:
     """``table.md``: the FID table, what it was measured on, and the sampling times."""
     return (f"# FID against sampling steps\n\n{markdown_table(table, rows, steps)}\n"
-            f"FID of {n_samples} generated images against the first {n_samples} MNIST test "
+            f"FID of {n_samples} generated images against {n_samples} random MNIST test "
             f"images, on the MNIST classifier's features (lower is better).\n"
-            f"Floor (the first {n_samples} real training images against the same test images): "
+            f"Floor ({n_samples} random real training images against the same test images): "
             f"FID {floor['fid']:.2f}.\nDevice: {device}.\n\n"
             f"## Sampling seconds\n\n{markdown_table(table, rows, steps, 'seconds', 1)}")
 

@@ -16,6 +16,7 @@ from diffusion.metrics import (
     frechet_distance,
     inception_score,
     kernel_inception_distance,
+    nearest_neighbours,
     precision_recall,
     psnr,
     quality_metrics,
@@ -204,6 +205,33 @@ def test_precision_recall_chunking_is_exact(monkeypatch: pytest.MonkeyPatch) -> 
 def test_precision_recall_needs_more_than_k_samples() -> None:
     with pytest.raises(ValueError, match="more than k = 3"):
         precision_recall(gaussian(3, 4, 0), gaussian(10, 4, 1), k=3)
+
+
+# ---------------------------- nearest neighbours ----------------------------------------
+
+
+def test_nearest_neighbours_find_copies_and_match_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    support, queries = gaussian(500, 6, seed=31), gaussian(40, 6, seed=32)
+    queries[:5] = support[[7, 100, 250, 3, 499]]  # exact copies of training points
+    distances, indices = nearest_neighbours(queries, support, k=3)
+    assert distances.shape == indices.shape == (40, 3)
+    assert indices[:5, 0].tolist() == [7, 100, 250, 3, 499]
+    assert np.all(distances[:5, 0] == 0)
+    brute = np.linalg.norm(queries[:, None, :] - support[None, :, :], axis=2)
+    order = np.argsort(brute, axis=1)[:, :3]
+    assert np.array_equal(indices, order)
+    assert np.allclose(distances, np.take_along_axis(brute, order, axis=1), rtol=0, atol=1e-12)
+    assert np.all(np.diff(distances, axis=1) >= 0)
+    monkeypatch.setattr(metrics, "PR_CHUNK", 1)  # one query row per block: same answer
+    again = nearest_neighbours(torch.from_numpy(queries), torch.from_numpy(support), k=3)
+    assert np.array_equal(again[1], indices) and np.allclose(again[0], distances, atol=1e-12)
+
+
+def test_nearest_neighbours_validate_k_and_dimensions() -> None:
+    with pytest.raises(ValueError, match="k must be between 1 and the support size 4"):
+        nearest_neighbours(gaussian(2, 3, 0), gaussian(4, 3, 1), k=5)
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        nearest_neighbours(gaussian(2, 3, 0), gaussian(4, 2, 1))
 
 
 # ---------------------------- class balance / TV ----------------------------------------

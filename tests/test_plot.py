@@ -1,7 +1,8 @@
-"""The plot stage: four PNGs from real (tiny) pipeline outputs, and the pixels behind them."""
+"""The plot stage: seven PNGs from real (tiny) pipeline outputs, and the data behind them."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 import yaml
 from PIL import Image
 
+from diffusion.classifier import MnistClassifier, save_classifier
 from diffusion.data import to_uint8
+from diffusion.metrics import quality_metrics
 from diffusion.model import load, save_model
 from diffusion.network import DenoiserCNN
 from diffusion.process import GammaProcess, GaussianProcess
@@ -18,11 +21,29 @@ from stages import plot
 from tests.conftest import REPO, TINY_PARAMS, merge, write_synthetic_mnist
 
 N_T = 10
-FIGURES = ("loss_curves.png", "samples.png", "degradation.png", "trajectories.png")
+FIGURES = ("loss_curves.png", "samples.png", "degradation.png", "trajectories.png",
+           "class_balance.png", "precision_recall.png", "memorisation.png")
+
+
+def fake_metrics(seed: int) -> dict:
+    """An evaluate stage's metrics.json, from the real metric code on random features."""
+    rng = np.random.default_rng(seed)
+
+    def probs(n: int) -> np.ndarray:
+        logits = rng.normal(size=(n, 10)) * 3
+        return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    test_feats, test_probs = rng.normal(size=(40, 8)), probs(40)
+    return {"n_samples": 40, "heldout_loss": 0.5,
+            "quality": quality_metrics(rng.normal(0.5, 1, (40, 8)), probs(40), test_feats,
+                                       test_probs, seed=0),
+            "floor": quality_metrics(rng.normal(size=(40, 8)), probs(40), test_feats, test_probs,
+                                     seed=0)}
 
 
 def make_inputs(root, model_n_T: int = N_T) -> None:
-    """What the plot stage reads: params, two untrained model files, logs, samples, MNIST."""
+    """What the plot stage reads: params, two untrained model files and an untrained
+    classifier, logs, samples, metrics, MNIST."""
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PARAMS)
     params["ddpm"]["n_T"] = params["ddgm"]["n_T"] = N_T
@@ -44,6 +65,11 @@ def make_inputs(root, model_n_T: int = N_T) -> None:
         (root / "results/sample" / name).mkdir(parents=True)
         np.save(root / "results/sample" / name / "samples.npy",
                 rng.integers(0, 256, (20, 28, 28), dtype=np.uint8))
+        (root / "results/evaluate" / name).mkdir(parents=True)
+        (root / "results/evaluate" / name / "metrics.json").write_text(
+            json.dumps(fake_metrics(seed=len(name) + (name == "ddgm"))))
+    torch.manual_seed(0)
+    save_classifier(MnistClassifier(), root / "models/classifier/classifier.pt")
 
 
 @pytest.fixture
@@ -53,7 +79,7 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_stage_writes_four_legible_pngs_and_logs_them(workdir):
+def test_stage_writes_seven_legible_pngs_and_logs_them(workdir):
     make_inputs(workdir)
     plot.main()
     for name in FIGURES:
@@ -111,3 +137,52 @@ def test_reverse_trajectory_is_the_sampler_run_of_the_same_seed(workdir):
     assert steps == [10, 7, 3, 0]
     assert frames.shape == (3, 4, 28, 28)
     assert torch.equal(to_uint8(frames[:, -1].unsqueeze(1)), model.sample(3, seed=7))
+
+
+def test_quality_bars_are_each_models_metrics_then_the_real_floor():
+    metrics = {"ddpm": fake_metrics(1), "ddgm": fake_metrics(2)}
+    series = plot.quality_series(metrics, ["precision", "recall"], " (TV {class_tv:.3f})")
+    assert [label for label, _, _ in series] == [
+        f"DDPM (Gaussian) (TV {metrics['ddpm']['quality']['class_tv']:.3f})",
+        f"DDGM (Gamma) (TV {metrics['ddgm']['quality']['class_tv']:.3f})",
+        f"real training images (TV {metrics['ddpm']['floor']['class_tv']:.3f})"]
+    assert [values for _, _, values in series] == [
+        [metrics["ddpm"]["quality"]["precision"], metrics["ddpm"]["quality"]["recall"]],
+        [metrics["ddgm"]["quality"]["precision"], metrics["ddgm"]["quality"]["recall"]],
+        [metrics["ddpm"]["floor"]["precision"], metrics["ddpm"]["floor"]["recall"]]]
+
+
+def test_stage_refuses_metrics_without_the_quality_keys(workdir, capsys):
+    make_inputs(workdir)
+    path = workdir / "results/evaluate/ddgm/metrics.json"
+    metrics = json.loads(path.read_text())
+    del metrics["floor"]["recall"]
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main()
+    assert exit_info.value.code == 1
+    assert "'floor' lacks recall; re-run the evaluate stage" in capsys.readouterr().err
+    assert not (workdir / "results/plot").exists()
+
+
+def test_memorisation_panel_finds_a_copied_training_image(workdir, monkeypatch):
+    make_inputs(workdir)
+    train_images = plot.load_mnist(workdir / "data/MNIST/raw", train=True)[0].numpy()
+    samples_path = workdir / "results/sample/ddgm/samples.npy"
+    samples = np.load(samples_path)
+    samples[1] = train_images[5]  # a sample that copies training digit 5
+    np.save(samples_path, samples)
+    drawn = {}
+    original = plot.plot_memorisation
+
+    def capture(samples, train, neighbours, held_out):
+        drawn.update(neighbours=neighbours, held_out=held_out)
+        original(samples, train, neighbours, held_out)
+
+    monkeypatch.setattr(plot, "plot_memorisation", capture)
+    plot.main()
+    distances, indices = drawn["neighbours"]["ddgm"]
+    assert distances.shape == indices.shape == (20, plot.NEIGHBOURS)
+    assert indices[1, 0] == 5 and distances[1, 0] == 0
+    assert distances[0, 0] > 0  # random pixels copy nothing
+    assert drawn["held_out"].startswith("8 held-out test digits")  # all 8 synthetic test images
