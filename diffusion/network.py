@@ -15,6 +15,20 @@ import torch
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """The autocast context for the network: bf16 for "bf16" (or "auto" on CUDA), else off.
+
+    Only the network's matmuls and convolutions run in bf16; the caller keeps x_t, the noise
+    and the schedule coefficients in float32 (or float64), so precision never touches the maths
+    of the noise process.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision = {precision!r} is not allowed: use {', '.join(PRECISIONS)}")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 class ConvBlock(nn.Sequential):

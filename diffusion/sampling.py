@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffusion.network import autocast
 from diffusion.process import NoiseProcess
 
 SAMPLERS = ("ancestral", "ddim")
@@ -78,11 +79,6 @@ def plan(process: NoiseProcess, steps: int, sampler: str = "ancestral", eta: flo
     return SamplerPlan(current.tolist(), previous.tolist(), a, b, c)
 
 
-def _autocast(device: torch.device):
-    # bf16 matmuls on CUDA; the running state x, the coefficients and the noise stay float32.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None = None,
            sampler: str = "ancestral", eta: float = 1.0, device: torch.device | str = "cpu",
@@ -108,7 +104,7 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
              else process.prior(shape, device=device, generator=generator))
         for i, (t, t_prev) in enumerate(zip(run.timesteps, run.previous)):
             t_batch = torch.full((size,), t, device=device, dtype=torch.long)
-            with _autocast(device):
+            with autocast(device):  # bf16 on CUDA; x, a, b, c and the noise stay float32
                 eps = net(x, t_batch.float() / process.n_T).float()
             x = a[i] * x + b[i] * eps
             if t_prev > 0 and run.c[i] != 0:

@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from diffusion import distributed
 from diffusion.data import to_model_range
+from diffusion.network import autocast
 from diffusion.process import NoiseProcess
 
 
@@ -117,17 +118,6 @@ def maybe_compile(net: nn.Module, enabled: bool, log: Callable[[str], None] = pr
     except Exception as error:  # e.g. no compiler toolchain: eager mode is still correct
         log(f"torch.compile unavailable ({type(error).__name__}: {error}); using eager mode")
         return net
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
-    """The autocast context for the network: bf16 for "bf16" (or "auto" on CUDA), else off."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision = {precision!r} is not allowed: use {', '.join(PRECISIONS)}")
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def noise_generator(device: torch.device, seed: int, epoch: int, rank: int) -> torch.Generator:
