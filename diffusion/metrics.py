@@ -18,7 +18,7 @@ References:
     Nearest neighbours   k-NN in feature space, for the memorisation check of the plot stage.
 
 Defaults of ``quality_metrics``: KID uses ``KID_SUBSETS = 100`` random subsets of
-``min(KID_SUBSET_SIZE = 1000, n_fake, n_reference)`` samples per set; precision/recall use
+``min(KID_SUBSET_SIZE = 1000, min(n_fake, n_reference) // 2)`` samples per set (at least 2); precision/recall use
 ``k = PR_K = 3`` nearest neighbours, as recommended by Kynkäänniemi et al.
 """
 
@@ -303,8 +303,12 @@ def quality_metrics(
             f"fake {fake_feats.shape[0]} vs {fake_probs.shape[0]}, "
             f"reference {ref_feats.shape[0]} vs {ref_probs.shape[0]}"
         )
+    # Subsets as large as a whole set would be the same set in every round (kid_std = 0): cap
+    # them at half the smaller set, so the rounds differ and kid_std shows the spread.
+    half = min(fake_feats.shape[0], ref_feats.shape[0]) // 2
     kid_mean, kid_std = kernel_inception_distance(
-        fake_feats, ref_feats, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+        fake_feats, ref_feats, subsets=kid_subsets, subset_size=max(2, min(kid_subset_size, half)),
+        seed=seed,
     )
     precision, recall = precision_recall(ref_feats, fake_feats, k=k)
     fake_balance = class_balance(fake_probs)

@@ -274,6 +274,17 @@ def test_quality_metrics_keys_and_values() -> None:
         quality_metrics(feats[:3], probs[:3], ref_feats, ref_probs, seed=0)
 
 
+def test_quality_metrics_kid_subsets_are_at_most_half_the_smaller_set() -> None:
+    rng = np.random.default_rng(26)
+    feats, ref_feats = gaussian(200, 8, seed=27, mean=0.3), gaussian(300, 8, seed=28)
+    probs, ref_probs = rng.dirichlet(np.ones(10), size=200), rng.dirichlet(np.ones(10), size=300)
+    result = quality_metrics(feats, probs, ref_feats, ref_probs, seed=5)
+    # 200 fake images: subsets of 100 (not all 200, which would repeat one set in every round)
+    expected = kernel_inception_distance(feats, ref_feats, subset_size=100, seed=5)
+    assert (result["kid_mean"], result["kid_std"]) == expected
+    assert result["kid_std"] > 0
+
+
 # ------------------------------ real MNIST features -------------------------------------
 
 
