@@ -115,3 +115,33 @@ def test_gamma_reverse_noise_has_the_index_of_the_step_target():
 def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="allowed are ancestral, ddim"):
         plan(GaussianProcess((1e-4, 0.02), 10), 10, "euler")
+
+
+class OracleNet(nn.Module):
+    """The exact noise predictor for data that is one image x*:
+    eps(x_t, t) = (x_t - sqrt(alpha_bar_t) x*) / sqrt(1 - alpha_bar_t) (Ho et al. eq. 4 solved
+    for eps). Every correct sampler must then end at x*, whatever the noise law or step count."""
+
+    def __init__(self, process, target):
+        super().__init__()
+        self.process, self.target = process, target
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        index = torch.round(t * self.process.n_T).long()
+        alpha_bar = self.process.alpha_bar[index].view(-1, 1, 1, 1)
+        return (x.double() - alpha_bar.sqrt() * self.target) / (1 - alpha_bar).sqrt()
+
+
+@pytest.mark.parametrize("process", [GaussianProcess((1e-4, 0.02), 1000),
+                                     GammaProcess((1e-4, 0.02), 1000, theta_0=0.001)],
+                         ids=["gaussian", "gamma"])
+@pytest.mark.parametrize("sampler, eta", [("ancestral", 1.0), ("ddim", 0.0), ("ddim", 1.0)])
+@pytest.mark.parametrize("steps", [10, 1000])
+def test_every_sampler_lands_on_the_data_point_with_the_exact_noise_predictor(process, sampler, eta,
+                                                                              steps):
+    target = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(1)).double() * 2 - 1
+    images = sample(OracleNet(process, target), process, 3, steps=steps, sampler=sampler, eta=eta,
+                    generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(images.double(), target.expand(3, -1, -1, -1), atol=1e-4), \
+        (images.double() - target).abs().max()
