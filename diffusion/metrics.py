@@ -18,8 +18,8 @@ References:
     Nearest neighbours   k-NN in feature space, for the memorisation check of the plot stage.
 
 Defaults of ``quality_metrics``: KID uses ``KID_SUBSETS = 100`` random subsets of
-``min(KID_SUBSET_SIZE = 1000, min(n_fake, n_reference) // 2)`` samples per set (at least 2); precision/recall use
-``k = PR_K = 3`` nearest neighbours, as recommended by Kynkäänniemi et al.
+``min(KID_SUBSET_SIZE = 1000, min(n_fake, n_reference) // 2)`` samples per set (at least 2);
+precision/recall use ``k = PR_K = 3`` nearest neighbours, as recommended by Kynkäänniemi et al.
 """
 
 from __future__ import annotations
@@ -235,8 +235,8 @@ def nearest_neighbours(queries: ArrayLike, support: ArrayLike, k: int = 1) -> tu
     """The ``k`` nearest support points of each query, by Euclidean distance in float64.
 
     Returns ``(distances, indices)``, both of shape (n_queries, k), nearest first. Used as a
-    memorisation check: samples much closer to training images than held-out images are
-    hint at copies of the training set.
+    memorisation check: samples that lie much closer to the training images than unseen real
+    images do hint at copies of the training set.
     """
     queries_64 = _as_torch64(queries, "queries")
     support_64 = _as_torch64(support, "support").to(queries_64.device)
@@ -248,7 +248,10 @@ def nearest_neighbours(queries: ArrayLike, support: ArrayLike, k: int = 1) -> tu
     distances, indices = [], []
     rows = max(1, PR_CHUNK * 10_000 // max(support_64.shape[0], 1))  # about 80 MB per block
     for first in range(0, queries_64.shape[0], rows):
-        block = torch.cdist(queries_64[first : first + rows], support_64).topk(k, dim=1, largest=False)
+        # Direct differences, not the |x|^2 + |y|^2 - 2 x.y matmul form: an exact copy then gets
+        # distance 0 (the matmul form leaves ~1e-7), which is what the check looks for.
+        block = torch.cdist(queries_64[first : first + rows], support_64,
+                            compute_mode="donot_use_mm_for_euclid_dist").topk(k, dim=1, largest=False)
         distances.append(block.values.cpu())
         indices.append(block.indices.cpu())
     if not distances:

@@ -211,7 +211,7 @@ def test_precision_recall_needs_more_than_k_samples() -> None:
 
 
 def test_nearest_neighbours_find_copies_and_match_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
-    support, queries = gaussian(500, 6, seed=31), gaussian(40, 6, seed=32)
+    support, queries = gaussian(500, 6, seed=31) * 100, gaussian(40, 6, seed=32) * 100
     queries[:5] = support[[7, 100, 250, 3, 499]]  # exact copies of training points
     distances, indices = nearest_neighbours(queries, support, k=3)
     assert distances.shape == indices.shape == (40, 3)
@@ -220,11 +220,11 @@ def test_nearest_neighbours_find_copies_and_match_brute_force(monkeypatch: pytes
     brute = np.linalg.norm(queries[:, None, :] - support[None, :, :], axis=2)
     order = np.argsort(brute, axis=1)[:, :3]
     assert np.array_equal(indices, order)
-    assert np.allclose(distances, np.take_along_axis(brute, order, axis=1), rtol=0, atol=1e-12)
+    assert np.allclose(distances, np.take_along_axis(brute, order, axis=1), rtol=1e-12, atol=0)
     assert np.all(np.diff(distances, axis=1) >= 0)
-    monkeypatch.setattr(metrics, "PR_CHUNK", 1)  # one query row per block: same answer
+    monkeypatch.setattr(metrics, "PR_CHUNK", 1)  # blocks of 20 query rows: same answer
     again = nearest_neighbours(torch.from_numpy(queries), torch.from_numpy(support), k=3)
-    assert np.array_equal(again[1], indices) and np.allclose(again[0], distances, atol=1e-12)
+    assert np.array_equal(again[1], indices) and np.array_equal(again[0], distances)
 
 
 def test_nearest_neighbours_validate_k_and_dimensions() -> None:
