@@ -6,11 +6,16 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
+from diffusion.io import UnsafeModelFileError
 from diffusion.mnist import load_mnist
+
+Loaded = TypeVar("Loaded")
 
 RAW_DIR = Path("data/MNIST/raw")
 MODELS = ("ddpm", "ddgm")
@@ -34,6 +39,15 @@ def parent_run_id(models_dir: Path) -> str | None:
         return json.loads((models_dir / "run.json").read_text())["run_id"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def load_or_exit(loader: Callable[..., Loaded], path: Path, *args, **kwargs) -> Loaded:
+    """``loader(path, ...)`` for a model or classifier file; a file carrying pickled code
+    (``UnsafeModelFileError``) ends the stage with one line instead of a traceback."""
+    try:
+        return loader(path, *args, **kwargs)
+    except UnsafeModelFileError as error:
+        fail(str(error))
 
 
 def fail(message: str, status: int = 1) -> None:

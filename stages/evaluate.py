@@ -20,11 +20,11 @@ import torch
 
 from diffusion.classifier import embed, load_classifier
 from diffusion.data import to_model_range
-from diffusion.io import UnsafeModelFileError, save_json
+from diffusion.io import save_json
 from diffusion.metrics import psnr, quality_metrics
 from diffusion.model import DiffusionModel, load
 from diffusion.training import heldout_loss
-from stages.common import fail, mnist_reference, model_argument, parent_run_id, plain
+from stages.common import fail, load_or_exit, mnist_reference, model_argument, parent_run_id, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -56,6 +56,12 @@ def main() -> None:
         fail(f"evaluate.n_samples = {n} but results/sample/{model_name} holds only "
              f"{samples.shape[0]} images: raise sample.n_samples or lower evaluate.n_samples",
              status=2)
+    model = load_or_exit(load, models_dir / "model.pt")
+    device = model.device
+    too_big = [t for t in settings["psnr_t"] if t > model.process.n_T]
+    if too_big:
+        fail(f"evaluate.psnr_t has {too_big}, beyond this model's n_T = {model.process.n_T}", 2)
+    classifier = load_or_exit(load_classifier, Path("models/classifier/classifier.pt"), device)
     parent = parent_run_id(models_dir)
     try:
         run = Run(stage, model_name, parent_run_id=parent)
@@ -63,18 +69,9 @@ def main() -> None:
         fail(str(error))
     run.log_params({"seed": seed, "evaluate": settings})
 
-    try:
-        model = load(models_dir / "model.pt")
-    except UnsafeModelFileError as error:
-        fail(str(error))
-    device = model.device
-    too_big = [t for t in settings["psnr_t"] if t > model.process.n_T]
-    if too_big:
-        fail(f"evaluate.psnr_t has {too_big}, beyond this model's n_T = {model.process.n_T}", 2)
     test_images = mnist_reference(device, train=False, n=n, seed=seed)
     train_images = mnist_reference(device, train=True, n=n, seed=seed)
     fake = torch.from_numpy(np.array(samples[:n])).to(device)
-    classifier = load_classifier(Path("models/classifier/classifier.pt"), device)
 
     metrics: dict = {
         "n_samples": n,

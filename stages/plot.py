@@ -31,13 +31,13 @@ from matplotlib.figure import Figure  # drawn with Agg, no GUI backend or pyplot
 
 from diffusion.classifier import embed, load_classifier
 from diffusion.data import grid_image, to_model_range
-from diffusion.io import UnsafeModelFileError, atomic_path
+from diffusion.io import atomic_path
 from diffusion.metrics import nearest_neighbours
 from diffusion.mnist import load_mnist
 from diffusion.model import DiffusionModel, load
 from diffusion.process import NoiseProcess
 from diffusion.sampling import sample
-from stages.common import MODELS, RAW_DIR, fail, mnist_reference, plain
+from stages.common import MODELS, RAW_DIR, fail, load_or_exit, mnist_reference, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -255,12 +255,9 @@ def plot_memorisation(samples: dict[str, np.ndarray], train_images: np.ndarray,
 def main() -> None:
     params = load_params_or_exit("plot")
     seed, n_digits, t_show = params["seed"], params["plot"]["n_digits"], params["plot"]["t_show"]
-    try:
-        models = {name: load(Path("models") / name / "model.pt") for name in MODELS}
-        classifier = load_classifier(Path("models/classifier/classifier.pt"),
-                                     next(iter(models.values())).device)
-    except UnsafeModelFileError as error:
-        fail(str(error))
+    models = {name: load_or_exit(load, Path("models") / name / "model.pt") for name in MODELS}
+    classifier = load_or_exit(load_classifier, Path("models/classifier/classifier.pt"),
+                              next(iter(models.values())).device)
     for name, model in models.items():
         if max(t_show) > model.process.n_T:
             fail(f"plot.t_show has t = {max(t_show)}, more than n_T = {model.process.n_T} of "

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from diffusion.data import save_grid
-from diffusion.io import UnsafeModelFileError, atomic_path
+from diffusion.io import atomic_path
 from diffusion.model import load
-from stages.common import fail, model_argument, parent_run_id, plain
+from stages.common import fail, load_or_exit, model_argument, parent_run_id, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -28,10 +28,7 @@ def main() -> None:
     settings = params["sample"]
     models_dir, out_dir = Path("models") / model_name, Path("results/sample") / model_name
     parent = parent_run_id(models_dir)
-    try:
-        model = load(models_dir / "model.pt")
-    except UnsafeModelFileError as error:
-        fail(str(error))
+    model = load_or_exit(load, models_dir / "model.pt")
     if settings["steps"] > model.process.n_T:
         fail(f"sample.steps = {settings['steps']} is more than this model's n_T = "
              f"{model.process.n_T}", status=2)

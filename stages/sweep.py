@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from diffusion.classifier import embed, load_classifier
-from diffusion.io import UnsafeModelFileError, atomic_path, save_json, save_text
+from diffusion.io import atomic_path, save_json, save_text
 from diffusion.metrics import quality_metrics
 from diffusion.model import load
-from stages.common import MODELS, RAW_DIR, fail, mnist_reference, plain
+from stages.common import MODELS, RAW_DIR, fail, load_or_exit, mnist_reference, plain
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -158,14 +158,14 @@ def main() -> None:
         fail(str(error))
     run.log_params({"seed": seed, "sweep": settings})
     try:
-        models = {m: load(Path("models") / m / "model.pt") for m in MODELS}
+        models = {m: load_or_exit(load, Path("models") / m / "model.pt") for m in MODELS}
         device = models[MODELS[0]].device
         test_images = mnist_reference(device, train=False, n=n, seed=seed)
         train_images = mnist_reference(device, train=True, n=n, seed=seed)
         if min(len(test_images), len(train_images)) < n:
             fail(f"sweep.n_samples = {n} but {RAW_DIR} holds only {len(test_images)} test and "
                  f"{len(train_images)} training images: lower sweep.n_samples", status=2)
-        classifier = load_classifier(CLASSIFIER, device)
+        classifier = load_or_exit(load_classifier, CLASSIFIER, device)
         test_feats, test_probs = embed(classifier, test_images, batch_size)
         real_feats, real_probs = embed(classifier, train_images, batch_size)
         floor = quality_metrics(real_feats, real_probs, test_feats, test_probs, seed=seed)
@@ -199,10 +199,7 @@ def main() -> None:
                     run.log_metrics({f"fid_{c}": cell["fid"]}, step=count)  # a curve in MLflow
                     print(f"sweep: {c:16s} {count:5d} steps  FID {cell['fid']:8.2f}  "
                           f"{seconds:7.1f} s", flush=True)
-    except UnsafeModelFileError as error:
-        run.finish("FAILED")
-        fail(str(error))
-    except BaseException:
+    except BaseException:  # the run is marked failed, also on a clean exit by fail()
         run.finish("FAILED")
         raise
 
