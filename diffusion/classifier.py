@@ -231,7 +231,8 @@ def load_classifier(path: str | os.PathLike, device: torch.device) -> MnistClass
 
     Through ``diffusion.io.load_torch``: only tensors and plain containers are unpickled.
     """
-    payload = load_torch(path, map_location=torch.device(device))
+    payload = load_torch(path, map_location=torch.device(device), expect=("config", "state_dict"),
+                         kind="classifier file of the classifier stage")
     model = _build_model(seed=0, config=payload["config"])
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval()

@@ -127,7 +127,7 @@ def load(path: Path | str, device: torch.device | str | None = None,
     if weights not in ("ema", "net"):
         raise ValueError(f"weights = {weights!r} is not allowed: use 'ema' or 'net'")
     device = torch.device(device) if device is not None else default_device()
-    state = load_torch(path)
+    state = load_torch(path, expect=("config", "ema", "net"), kind="model file of the train stage")
     config = state["config"]
     net = DenoiserCNN(tuple(config["net"]["hidden"]), config["net"]["activation"])
     net.load_state_dict(state[weights])

@@ -25,6 +25,17 @@ from __future__ import annotations
 
 import torch
 
+# Limits within which the schedule's maths holds in the precisions used (see ``check``).
+MIN_ALPHA_BAR = 1e-30     # alpha_bar_T below it: 1/sqrt(alpha_bar) of the x0 estimate leaves float32
+MIN_FINAL_NOISE = 1e-3    # 1 - alpha_bar_T below it: x_T is the image, not noise
+MIN_GAMMA_SHAPE = 1e-3    # k_bar_1 below it: Gamma draws lose their mean and variance (float64)
+MAX_GAMMA_SHAPE = 1e16    # k_bar_T above it: (G - k_bar) in float64 steps by 2^-52 sqrt(k_bar) > 2e-8,
+                          # within a few float32 spacings of eps near 1 (1.2e-7): draws collide
+
+
+class ScheduleError(ValueError):
+    """A schedule whose noise process cannot be computed exactly; the message says why."""
+
 
 class NoiseProcess:
     """A diffusion process with a linear beta schedule over ``n_T`` steps.
@@ -44,7 +55,21 @@ class NoiseProcess:
         self.beta = beta
         self.alpha = 1.0 - beta
         self.alpha_bar = torch.cumprod(self.alpha, dim=0)  # alpha_bar_0 = 1
+        self.check()
         self._device_copies: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def check(self) -> None:
+        """Raise ``ScheduleError`` unless x_T holds noise and x0 can be estimated from x_t."""
+        alpha_bar_T = float(self.alpha_bar[self.n_T])
+        if not alpha_bar_T >= MIN_ALPHA_BAR:
+            raise ScheduleError(
+                f"alpha_bar_T = {alpha_bar_T:.3g} is below {MIN_ALPHA_BAR:g}: the x0 estimate "
+                "x_t / sqrt(alpha_bar_t) overflows float32; use smaller betas or fewer steps")
+        if not 1.0 - alpha_bar_T >= MIN_FINAL_NOISE:
+            raise ScheduleError(
+                f"1 - alpha_bar_T = {1.0 - alpha_bar_T:.3g} is below {MIN_FINAL_NOISE:g}: x_T is "
+                "almost the clean image, with no noise to start sampling from; use larger betas "
+                "or more steps")
 
     def on(self, name: str, device: torch.device | str) -> torch.Tensor:
         """Schedule array ``name`` on ``device``, copied once and kept.
@@ -111,12 +136,31 @@ class GammaProcess(NoiseProcess):
     name = "gamma"
 
     def __init__(self, betas: tuple[float, float], n_T: int, theta_0: float) -> None:
-        super().__init__(betas, n_T)
         self.theta_0 = float(theta_0)
+        super().__init__(betas, n_T)
         # DDGM section 3: k_t = beta_t / (alpha_bar_t theta_0^2), theta_t = sqrt(alpha_bar_t) theta_0.
-        k = self.beta / (self.alpha_bar * self.theta_0 ** 2)
-        self.k_bar = torch.cumsum(k, dim=0)  # k_bar_0 = 0: no noise at t = 0
+        self.k_bar = self._k_bar_per_unit_theta() / self.theta_0 ** 2  # k_bar_0 = 0: no noise at t = 0
         self.theta = self.alpha_bar.sqrt() * self.theta_0
+
+    def _k_bar_per_unit_theta(self) -> torch.Tensor:
+        """k_bar_t for theta_0 = 1; k_bar_t scales as 1 / theta_0^2."""
+        return torch.cumsum(self.beta / self.alpha_bar, dim=0)
+
+    def theta_0_range(self) -> tuple[float, float]:
+        """The theta_0 for which every Gamma shape k_bar_1..k_bar_T lies within
+        [MIN_GAMMA_SHAPE, MAX_GAMMA_SHAPE], where the float64 draw and centring are exact."""
+        k_bar = self._k_bar_per_unit_theta()
+        return (float(k_bar[self.n_T] / MAX_GAMMA_SHAPE) ** 0.5,
+                float(k_bar[1] / MIN_GAMMA_SHAPE) ** 0.5)
+
+    def check(self) -> None:
+        super().check()
+        low, high = self.theta_0_range()
+        if not low <= self.theta_0 <= high:
+            raise ScheduleError(
+                f"theta_0 = {self.theta_0:g} is outside [{low:.3g}, {high:.3g}] for this schedule: "
+                f"the Gamma shapes k_bar_t = k_bar_t(theta_0 = 1) / theta_0^2 must lie within "
+                f"[{MIN_GAMMA_SHAPE:g}, {MAX_GAMMA_SHAPE:g}] for the noise to be drawn exactly")
 
     def noise(self, t, shape, *, device="cpu", generator=None):
         # k_bar_T reaches ~2.5e10 for theta_0 = 1e-3: in float32 the mean subtraction G - k_bar

@@ -12,11 +12,12 @@ from pathlib import Path
 from diffusion.classifier import evaluate_accuracy, save_classifier, train_classifier
 from diffusion.io import save_json
 from diffusion.model import default_device
-from stages.common import fail, mnist_on, plain
+from stages.common import fail, mnist_on, plain, stage_main
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
 
+@stage_main
 def main() -> None:
     stage = "classifier"
     params = plain(load_params_or_exit(stage))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
 import sys
 import time
@@ -10,10 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 
-from diffusion.io import UnsafeModelFileError
+from diffusion.io import ModelFileError, SamplesFileError, load_samples
 from diffusion.mnist import load_mnist
+from stages.tracking import finish_open_runs
 
 Loaded = TypeVar("Loaded")
 
@@ -42,12 +46,46 @@ def parent_run_id(models_dir: Path) -> str | None:
 
 
 def load_or_exit(loader: Callable[..., Loaded], path: Path, *args, **kwargs) -> Loaded:
-    """``loader(path, ...)`` for a model or classifier file; a file carrying pickled code
-    (``UnsafeModelFileError``) ends the stage with one line instead of a traceback."""
+    """``loader(path, ...)`` for a model or classifier file; a file that is missing, damaged,
+    foreign or carries pickled code (``ModelFileError``) ends the stage with one line."""
     try:
         return loader(path, *args, **kwargs)
-    except UnsafeModelFileError as error:
-        fail(str(error))
+    except ModelFileError as error:
+        writer = "classifier" if path.parent.name == "classifier" else f"train@{path.parent.name}"
+        fail(f"{error}; it is not used: re-create it with `dvc repro --force {writer}`")
+
+
+def samples_or_exit(path: Path) -> np.ndarray:
+    """The sample stage's images (uint8 (N, 28, 28)), or one line and exit 1 for anything else."""
+    try:
+        return load_samples(path)
+    except SamplesFileError as error:
+        fail(f"{error}; re-create it with `dvc repro --force sample@{path.parent.name}`")
+
+
+def stage_main(main: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a stage's ``main``: a stage that fails leaves no MLflow run RUNNING (FAILED, or
+    KILLED on Ctrl-C), and a full disk is said in one line, not a traceback."""
+    @functools.wraps(main)
+    def wrapper() -> None:
+        try:
+            main()
+        except KeyboardInterrupt:
+            finish_open_runs("KILLED")
+            raise
+        except SystemExit as exit_:
+            if exit_.code not in (None, 0):
+                finish_open_runs("KILLED" if exit_.code == 130 else "FAILED")
+            raise
+        except OSError as error:
+            finish_open_runs("FAILED")
+            if error.errno == errno.ENOSPC:
+                fail(str(error))
+            raise
+        except BaseException:
+            finish_open_runs("FAILED")
+            raise
+    return wrapper
 
 
 def fail(message: str, status: int = 1) -> None:

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 from diffusion.mnist import MNIST_FILES, MnistUnavailableError, fetch_mnist
+from stages.common import stage_main
 from stages.params import ParamsError, load_params
 
 RAW_DIR = Path("data") / "MNIST" / "raw"
 
 
+@stage_main
 def main() -> None:
     try:
         params = load_params("download")

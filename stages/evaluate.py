@@ -24,7 +24,8 @@ from diffusion.io import save_json
 from diffusion.metrics import psnr, quality_metrics
 from diffusion.model import DiffusionModel, load
 from diffusion.training import heldout_loss
-from stages.common import fail, load_or_exit, mnist_reference, model_argument, parent_run_id, plain
+from stages.common import (fail, load_or_exit, mnist_reference, model_argument, parent_run_id,
+                           plain, samples_or_exit, stage_main)
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -44,6 +45,7 @@ def psnr_at(model: DiffusionModel, images: torch.Tensor, t: int, *, seed: int,
     return torch.cat(scores).mean().item()
 
 
+@stage_main
 def main() -> None:
     model_name = model_argument("evaluate")
     stage = f"evaluate@{model_name}"
@@ -51,7 +53,7 @@ def main() -> None:
     settings, seed = params["evaluate"], params["seed"]
     n, batch_size = settings["n_samples"], settings["batch_size"]
     models_dir = Path("models") / model_name
-    samples = np.load(Path("results/sample") / model_name / "samples.npy", mmap_mode="r")
+    samples = samples_or_exit(Path("results/sample") / model_name / "samples.npy")
     if samples.shape[0] < n:
         fail(f"evaluate.n_samples = {n} but results/sample/{model_name} holds only "
              f"{samples.shape[0]} images: raise sample.n_samples or lower evaluate.n_samples",

@@ -146,25 +146,31 @@ POSITIVE = Number(float, 0, lo_open=True)  # a number > 0
 LEARNING_RATE = Number(float, 0, 3.4e38, lo_open=True, note="the optimiser's float32")
 UNIT = Number(float, 0, 1)                 # a number in [0, 1]
 FOR_METRICS = "precision/recall with k = 3 needs more than 3 images"
-MODEL = {"betas": Betas(), "n_T": Int(1)}
+# Upper bounds: what one machine's memory and a run's time can carry, well above any use.
+MAX_N_T = 100_000         # schedules, sampling loops and the Gamma shapes grow with n_T
+MAX_BATCH = 65_536
+MAX_IMAGES = 1_000_000    # generated images are held in memory (uint8, 784 bytes each)
+BATCH = Int(1, MAX_BATCH)
+MODEL = {"betas": Betas(), "n_T": Int(1, MAX_N_T, note="schedules grow with n_T")}
 SCHEMA = {
     "seed": Int(0, 2**32 - 1),
     "data": {"train_subset": Int(0, MNIST_TRAIN, note="0 = all"), "local_dir": OfType(str, "a string")},
-    "net": {"hidden": List(Int(1)), "activation": Choice(ACTIVATIONS)},
+    "net": {"hidden": List(Int(1, 1024)), "activation": Choice(ACTIVATIONS)},
     "ddpm": dict(MODEL),
     "ddgm": {**MODEL, "theta_0": POSITIVE},
-    "train": {"epochs": Int(1), "batch_size": Int(1), "lr": LEARNING_RATE,
-              "ema_decay": Number(float, 0, 1, hi_open=True), "grid_every": Int(1), "grid_size": Int(1),
+    "train": {"epochs": Int(1, 100_000), "batch_size": BATCH, "lr": LEARNING_RATE,
+              "ema_decay": Number(float, 0, 1, hi_open=True), "grid_every": Int(1),
+              "grid_size": Int(1, 1024),
               "holdout_subset": Int(0, MNIST_TEST, note="0 = all"), "compile": OfType(bool, "true or false")},
-    "sample": {"n_samples": Int(1), "sampler": Choice(SAMPLERS), "steps": Int(1, min_n_t),
-               "eta": UNIT, "batch_size": Int(1)},
+    "sample": {"n_samples": Int(1, MAX_IMAGES), "sampler": Choice(SAMPLERS), "steps": Int(1, min_n_t),
+               "eta": UNIT, "batch_size": BATCH},
     "evaluate": {"n_samples": Int(MIN_METRIC_SAMPLES, sample_n_samples, note=FOR_METRICS),
-                 "psnr_t": List(Int(1, min_n_t)), "batch_size": Int(1)},
-    "classifier": {"epochs": Int(1), "batch_size": Int(1), "lr": LEARNING_RATE},
+                 "psnr_t": List(Int(1, min_n_t)), "batch_size": BATCH},
+    "classifier": {"epochs": Int(1, 1000), "batch_size": BATCH, "lr": LEARNING_RATE},
     "sweep": {"steps": List(Int(1, min_n_t)), "samplers": List(Choice(SAMPLERS)),
-              "n_samples": Int(MIN_METRIC_SAMPLES, note=FOR_METRICS), "eta": UNIT,
-              "batch_size": Int(1)},
-    "plot": {"n_digits": Int(1), "t_show": List(Int(0, min_n_t))},
+              "n_samples": Int(MIN_METRIC_SAMPLES, MAX_IMAGES, note=FOR_METRICS), "eta": UNIT,
+              "batch_size": BATCH},
+    "plot": {"n_digits": Int(1, 64), "t_show": List(Int(0, min_n_t))},
 }
 
 
@@ -210,7 +216,22 @@ def validate(params) -> dict:
                 dst[key] = value
 
     walk(SCHEMA, params, "", out)
+    check_schedules(out)
     return out
+
+
+def check_schedules(params: dict) -> None:
+    """Each model's schedule, built as training would build it, must pass the noise process's
+    own checks (noise left at t = T, x0 recoverable, Gamma draws exact): values that pass one
+    key's bounds can still fail together."""
+    from diffusion.process import ScheduleError, process_for_model
+
+    for model in MODELS:
+        try:
+            process_for_model(model, params[model])
+        except ScheduleError as error:
+            values = ", ".join(f"{model}.{key} = {value!r}" for key, value in params[model].items())
+            raise ParamsError(f"params.yaml: {values} is not allowed: {error}") from None
 
 
 # ---------------------------------------------------------------- one stage's view

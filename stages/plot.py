@@ -37,7 +37,8 @@ from diffusion.mnist import load_mnist
 from diffusion.model import DiffusionModel, load
 from diffusion.process import NoiseProcess
 from diffusion.sampling import sample
-from stages.common import MODELS, RAW_DIR, fail, load_or_exit, mnist_reference, plain
+from stages.common import (MODELS, RAW_DIR, fail, load_or_exit, mnist_reference, plain,
+                           samples_or_exit, stage_main)
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -149,14 +150,6 @@ def plot_frames(rows: list[tuple[str, torch.Tensor]], columns: list[str], title:
     save_figure(fig, name)
 
 
-def load_samples(path: Path) -> np.ndarray:
-    images = np.load(path)
-    if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
-        fail(f"{path}: expected uint8 images of shape (N, 28, 28), "
-             f"got {images.dtype} {images.shape}")
-    return images
-
-
 def read_metrics(path: Path) -> dict:
     """An evaluate stage's metrics.json, checked for what the quality figures draw."""
     try:
@@ -252,6 +245,7 @@ def plot_memorisation(samples: dict[str, np.ndarray], train_images: np.ndarray,
     save_figure(fig, "memorisation.png")
 
 
+@stage_main
 def main() -> None:
     params = load_params_or_exit("plot")
     seed, n_digits, t_show = params["seed"], params["plot"]["n_digits"], params["plot"]["t_show"]
@@ -264,7 +258,7 @@ def main() -> None:
                  f"models/{name}/model.pt: allowed are 0..n_T", status=2)
     digits = load_mnist(RAW_DIR, train=False)[0][:n_digits]
     logs = {name: read_log(Path("results/train") / name / "log.csv") for name in MODELS}
-    samples = {name: load_samples(Path("results/sample") / name / "samples.npy") for name in MODELS}
+    samples = {name: np.asarray(samples_or_exit(Path("results/sample") / name / "samples.npy")) for name in MODELS}
     metrics = {name: read_metrics(Path("results/evaluate") / name / "metrics.json") for name in MODELS}
     too_few = {name: len(images) for name, images in samples.items() if len(images) < MEMORISATION_ROWS}
     if too_few:

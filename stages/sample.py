@@ -14,13 +14,14 @@ import numpy as np
 from diffusion.data import save_grid
 from diffusion.io import atomic_path
 from diffusion.model import load
-from stages.common import fail, load_or_exit, model_argument, parent_run_id, plain
+from stages.common import fail, load_or_exit, model_argument, parent_run_id, plain, stage_main
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
 GRID_IMAGES = 64
 
 
+@stage_main
 def main() -> None:
     model_name = model_argument("sample")
     stage = f"sample@{model_name}"

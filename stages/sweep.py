@@ -34,7 +34,7 @@ from diffusion.classifier import embed, load_classifier
 from diffusion.io import atomic_path, save_json, save_text
 from diffusion.metrics import quality_metrics
 from diffusion.model import load
-from stages.common import MODELS, RAW_DIR, fail, load_or_exit, mnist_reference, plain
+from stages.common import MODELS, RAW_DIR, fail, load_or_exit, mnist_reference, plain, stage_main
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
 
@@ -142,6 +142,7 @@ def device_name(device: torch.device) -> str:
     return f"{device} ({torch.get_num_threads()} threads)"
 
 
+@stage_main
 def main() -> None:
     params = plain(load_params_or_exit("sweep"))
     settings, seed = params["sweep"], params["seed"]

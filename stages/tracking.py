@@ -14,6 +14,7 @@ and its DVC outputs matter more than the record of them.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "mnist-diffusion"
+OWNER_TAG = "owner"  # host:pid:start of the process that runs it, to close runs of dead ones
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -76,15 +78,174 @@ def _store_setup_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _retry(call, *args, attempts: int = 8, **kwargs):
-    """Retry a tracking call: SQLite answers 'database is locked' while another run writes."""
-    for attempt in range(attempts):
+# How long a stage waits for a store that another process holds locked (SQLite allows one
+# writer at a time; a parallel experiment's migration or a long write can hold it for seconds).
+LOCK_WAIT_S = 60.0
+
+
+def _messages(error: BaseException) -> list[str]:
+    """The first line of ``error`` and of every error behind it (SQLAlchemy wraps sqlite3's)."""
+    seen, out = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for candidate in (error, getattr(error, "orig", None)):
+            text = str(candidate or "").strip()
+            if candidate is not None and text:
+                out.append(f"{type(candidate).__name__}: {text.splitlines()[0]}")
+        error = error.__cause__ or error.__context__
+    return out
+
+
+def root_cause(error: BaseException) -> str:
+    """One line naming what really went wrong, not the wrapper's text.
+
+    A read-only store surfaces as SQLAlchemy's autoflush advice around sqlite3's "attempt to
+    write a readonly database"; a full disk as "database or disk is full". The innermost
+    message says what to fix.
+    """
+    messages = _messages(error)
+    if not messages:
+        return type(error).__name__
+    for text in messages:
+        if "disk is full" in text or "No space left" in text:
+            return "no space left on the device that holds the store"
+    return messages[-1].split(": ", 1)[1] if ": " in messages[-1] else messages[-1]
+
+
+def _is_lock_error(error: BaseException) -> bool:
+    return any("locked" in text.lower() or "busy" in text.lower() for text in _messages(error))
+
+
+def _retry(call, *args, wait_s: float = LOCK_WAIT_S, **kwargs):
+    """Retry ``call`` while the SQLite store answers 'database is locked', for up to ``wait_s``."""
+    deadline, delay = time.monotonic() + wait_s, 0.1
+    while True:
         try:
             return call(*args, **kwargs)
         except Exception as error:
-            if "locked" not in str(error).lower() or attempt == attempts - 1:
+            if not _is_lock_error(error) or time.monotonic() + delay > deadline:
                 raise
-            time.sleep(0.2 * 2 ** attempt)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///<path>`` URI; None for other stores and SQLite URI filenames
+    (``sqlite:///file:<path>?mode=ro&uri=true``), which are used as given."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///file:"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def _create_sqlite_store(path: Path) -> None:
+    """Build a new MLflow SQLite store at ``path``, all or nothing.
+
+    MLflow creates its tables and runs its migrations one by one; a process killed in the
+    middle leaves a store that every later open refuses ("table ... already exists"). So the
+    store is built under a temporary name in the same folder and renamed into place only when
+    complete. Called with the store's setup lock held.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    building = path.parent / f".{path.name}.{os.getpid()}.creating"
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{building}", (path.parent / "mlartifacts").as_uri())
+        store.engine.dispose()  # close every connection before the file moves
+        os.replace(building, path)
+    finally:
+        _remove_unfinished_stores(path)
+
+
+def _remove_unfinished_stores(path: Path) -> None:
+    """Remove the temporary stores (and their journals) of creators that were killed.
+    Called with the setup lock held, so no creator is at work."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.creating*"):
+        stale.unlink(missing_ok=True)
+
+
+def _check_server_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast for an http(s) store nobody answers at: MLflow would retry for minutes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "localhost", port), timeout=timeout_s).close()
+    except OSError as error:
+        raise TrackingUnavailableError(
+            f"cannot reach the MLflow tracking server at {uri}: "
+            f"{error.strerror or error} (start it, or set MLFLOW_TRACKING_URI to a reachable "
+            "store)") from None
+
+
+def _process_identity(pid: int) -> str:
+    """``host:pid:start`` of a process; the start time (Linux) tells a reused pid apart."""
+    import socket
+
+    start = ""
+    with contextlib.suppress(OSError, IndexError):
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def _owner_is_gone(owner: str) -> bool:
+    """True when the process named by an ``owner`` tag ran on this host and has ended."""
+    import socket
+
+    host, _, rest = owner.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's run: it may well be alive
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _process_identity(int(pid)) != owner  # the pid now belongs to another process
+
+
+def _open_error(uri: str, error: BaseException) -> str:
+    """The one line a stage prints when the store cannot be opened: the cause and what to do."""
+    cause = root_cause(error)
+    path = _sqlite_path(uri)
+    if _is_lock_error(error):
+        hint = f"another process held it locked for over {LOCK_WAIT_S:.0f} s; try again"
+    elif "readonly" in cause or "no space left" in cause:
+        hint = "make room or make it writable, or set MLFLOW_TRACKING_URI to another store"
+    elif path is not None and path.is_file():
+        hint = (f"it may be damaged, e.g. by a process killed while creating it: move it aside "
+                f"(mv {path} {path}.broken) and re-run to start a new store, or set "
+                "MLFLOW_TRACKING_URI to another store")
+    else:
+        hint = "set MLFLOW_TRACKING_URI to a reachable store"
+    return f"cannot open the MLflow tracking store at {uri}: {cause} ({hint})"
+
+
+def _quiet_mlflow() -> None:
+    """Keep MLflow's, Alembic's and SQLAlchemy's own log lines (INFO on store creation, ERROR
+    tracebacks when the store goes away) out of the stage's output: a failure is reported
+    once, in one line, by ``Run``."""
+    import logging
+
+    import mlflow  # noqa: F401  (configures its loggers on import: set their level after it)
+
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+# Runs this process has opened and not finished: closed as FAILED or KILLED if the stage dies.
+_OPEN_RUNS: list["Run"] = []
+
+
+def finish_open_runs(status: str) -> None:
+    """End every run this process still holds open with ``status`` (FAILED, KILLED)."""
+    for run in list(_OPEN_RUNS):
+        run.finish(status)
 
 
 class Run:
@@ -92,48 +253,74 @@ class Run:
 
     def __init__(self, stage: str, model: str | None = None, parent_run_id: str | None = None,
                  run_name: str | None = None, run_id: str | None = None) -> None:
-        """Open the store and start a run; ``run_id`` reopens that run when it still exists."""
-        import mlflow
-        from mlflow.tracking import MlflowClient
+        """Open the store and start a run; ``run_id`` reopens that run when it still exists.
 
+        Runs of this stage left RUNNING by a process of this machine that has since died
+        (SIGKILL, a lost terminal) are closed as KILLED first.
+        """
         self.stage = stage
         self._warned = False
         uri = tracking_uri()
+        _quiet_mlflow()
+        _check_server_reachable(uri)
         try:
             with _store_setup_lock(uri):
-                mlflow.set_tracking_uri(uri)
-                self.client = MlflowClient(uri)
-                experiment = _retry(self.client.get_experiment_by_name, EXPERIMENT)
-                if experiment is None:
-                    try:
-                        experiment_id = _retry(
-                            self.client.create_experiment, EXPERIMENT,
-                            artifact_location=(repo_root() / "mlartifacts").as_uri())
-                    except Exception:  # created meanwhile by a parallel run
-                        experiment_id = _retry(self.client.get_experiment_by_name,
-                                               EXPERIMENT).experiment_id
-                else:
-                    experiment_id = experiment.experiment_id
-                tags = {"stage": stage, "git_commit": git_commit()}
-                if model:
-                    tags["model"] = model
-                if os.environ.get("DVC_EXP_NAME"):
-                    tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
-                if parent_run_id and self._run_exists(parent_run_id):
-                    tags["mlflow.parentRunId"] = parent_run_id
-                if run_id and self._run_exists(run_id):
-                    _retry(self.client.update_run, run_id, status="RUNNING")
-                    run = self.client.get_run(run_id)
-                else:
-                    run = _retry(self.client.create_run, experiment_id, tags=tags,
-                                 run_name=run_name or stage)
+                run, experiment_id = _retry(self._open, uri, stage, model, parent_run_id,
+                                            run_name, run_id)
         except Exception as error:
-            raise TrackingUnavailableError(
-                f"cannot open the MLflow tracking store at {uri}: {type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''} (set MLFLOW_TRACKING_URI to "
-                "a reachable store)") from None
+            raise TrackingUnavailableError(_open_error(uri, error)) from None
         self.run_id = run.info.run_id
         self.experiment_id = experiment_id
+        _OPEN_RUNS.append(self)
+
+    def _open(self, uri: str, stage: str, model: str | None, parent_run_id: str | None,
+              run_name: str | None, run_id: str | None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        path = _sqlite_path(uri)
+        if path is not None and not path.exists():
+            _create_sqlite_store(path)
+        elif path is not None:
+            _remove_unfinished_stores(path)
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            try:
+                experiment_id = self.client.create_experiment(
+                    EXPERIMENT, artifact_location=(repo_root() / "mlartifacts").as_uri())
+            except Exception as error:  # created meanwhile by a parallel run
+                if _is_lock_error(error):
+                    raise
+                experiment_id = self.client.get_experiment_by_name(EXPERIMENT).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        self._close_abandoned_runs(experiment_id, stage, keep=run_id)
+        owner = _process_identity(os.getpid())
+        tags = {"stage": stage, "git_commit": git_commit(), OWNER_TAG: owner}
+        if model:
+            tags["model"] = model
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+        if parent_run_id and self._run_exists(parent_run_id):
+            tags["mlflow.parentRunId"] = parent_run_id
+        if run_id and self._run_exists(run_id):
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, OWNER_TAG, owner)
+            return self.client.get_run(run_id), experiment_id
+        return self.client.create_run(experiment_id, tags=tags, run_name=run_name or stage), \
+            experiment_id
+
+    def _close_abandoned_runs(self, experiment_id: str, stage: str, keep: str | None) -> None:
+        """Mark KILLED the RUNNING runs of ``stage`` whose process on this machine has ended."""
+        runs = self.client.search_runs(
+            [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.stage = '{stage}'",
+            max_results=1000)
+        for run in runs:
+            owner = run.data.tags.get(OWNER_TAG, "")
+            if run.info.run_id != keep and owner and _owner_is_gone(owner):
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
     def _run_exists(self, run_id: str) -> bool:
         try:
@@ -147,7 +334,10 @@ class Run:
             return _retry(call, *args, **kwargs)
         except Exception as error:
             if not self._warned:
-                print(f"warning: MLflow logging failed ({type(error).__name__}: {error}); "
+                path = _sqlite_path(tracking_uri())
+                cause = (f"the store {path} was removed" if path is not None and not path.exists()
+                         else root_cause(error))
+                print(f"warning: MLflow logging failed ({cause}); "
                       f"the stage goes on without it", file=sys.stderr)
                 self._warned = True
             return None
@@ -184,7 +374,10 @@ class Run:
         self._safely(log_pytorch_model, self.run_id, self.experiment_id, model_file, name)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._safely(self.client.set_terminated, self.run_id, status)
+        """End the run with ``status`` (once; later calls do nothing)."""
+        if self in _OPEN_RUNS:
+            _OPEN_RUNS.remove(self)
+            self._safely(self.client.set_terminated, self.run_id, status)
 
 
 def log_pytorch_model(run_id: str, experiment_id: str, model_file: Path | str,

@@ -17,10 +17,13 @@ is unchanged); rank 0 alone writes the outputs and the resume state and logs to 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
 import hashlib
 import io
 import json
+import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -28,16 +31,21 @@ import torch
 
 from diffusion import distributed
 from diffusion.data import save_grid, to_uint8
-from diffusion.io import atomic_path, load_torch, save_json, save_torch
+from diffusion.io import ModelFileError, atomic_path, load_torch, save_json, save_torch
 from diffusion.model import default_device, save_model
 from diffusion.network import DenoiserCNN
 from diffusion.process import process_for_model
 from diffusion.sampling import sample
 from diffusion.training import (EpochRecord, NonFiniteLossError, TrainConfig, TrainState,
                                 make_state, train)
-from stages.common import RAW_DIR, EpochProgress, fail, mnist_on, model_argument, plain
+from stages.common import RAW_DIR, EpochProgress, fail, mnist_on, model_argument, plain, stage_main
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError, repo_root
+
+try:
+    import fcntl
+except ImportError:  # Windows: resume states are neither locked nor cleaned up
+    fcntl = None
 
 GRID_SEED_OFFSET = 2  # the grids' fixed noise comes from seed + 2 (seed + 1 is the held-out noise)
 
@@ -63,6 +71,67 @@ def write_log(records: list[EpochRecord], path: Path) -> None:
         tmp.write_text(buffer.getvalue())
 
 
+def read_resume_state(checkpoint: Path, device: torch.device, stage: str) -> dict:
+    """The saved state of an interrupted run, or {} (none, or unusable: training starts over)."""
+    if not checkpoint.exists():
+        return {}
+    try:
+        return load_torch(checkpoint, map_location=device, expect=("epoch", "net", "ema"),
+                          kind="resume state")
+    except ModelFileError as error:
+        print(f"warning: {stage} ignores its resume state: {error}", file=sys.stderr)
+        return {}
+
+
+_HELD_LOCKS: list = []  # open lock files, held until the process ends
+
+
+def _lock_file(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".lock")
+
+
+def hold_resume_lock(checkpoint: Path, stage: str) -> None:
+    """Mark ``checkpoint`` as in use for as long as this process lives (an flock, which the
+    system drops when the process dies, however it dies)."""
+    if fcntl is None:
+        return
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(_lock_file(checkpoint), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"another {stage} with the same params and data is training now (it holds "
+             f"{_lock_file(checkpoint)}); wait for it to finish")
+    _HELD_LOCKS.append(handle)
+
+
+def remove_stale_resume_states(stage: str, keep: Path) -> None:
+    """Delete this stage's resume states of other params (or data) that no live run holds.
+
+    A state is kept while its params are current; once they change, it would only be used if
+    the params changed back, and each one holds a copy of the weights and optimiser.
+    """
+    if fcntl is None:
+        return
+    removed, freed = 0, 0
+    for path in keep.parent.glob(f"{glob.escape(stage)}-*.pt"):
+        if path == keep:
+            continue
+        with open(_lock_file(path), "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a run of those params is training now (a parallel experiment)
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
+                removed += 1
+            _lock_file(path).unlink(missing_ok=True)
+    if removed:
+        print(f"{stage}: removed {removed} resume state(s) of earlier params "
+              f"({freed / 2**20:.1f} MiB) from {keep.parent}", flush=True)
+
+
 class Silent:
     """Stands in for the MLflow run and the progress bar on ranks other than 0: does nothing."""
 
@@ -74,6 +143,7 @@ class Silent:
     log_metrics = log_artifact = finish = epoch_done = close = log_params
 
 
+@stage_main
 def main() -> None:
     model = model_argument("train")
     stage = f"train@{model}"
@@ -94,14 +164,17 @@ def main() -> None:
     torch.manual_seed(seed)  # the network's initial weights
     state = make_state(DenoiserCNN(tuple(net_config["hidden"]), net_config["activation"]),
                        config, device)
-    resumed = checkpoint.exists()
-    saved = load_torch(checkpoint, map_location=device) if resumed else {}
+    saved = read_resume_state(checkpoint, device, stage)
+    resumed = bool(saved)
     if resumed:
         state.load_state_dict(saved)
     try:
         run = Run(stage, model, run_id=saved.get("run_id")) if world.is_main else Silent()
     except TrackingUnavailableError as error:
         fail(str(error))
+    if world.is_main:
+        hold_resume_lock(checkpoint, stage)
+        remove_stale_resume_states(stage, checkpoint)
     if not resumed:
         run.log_params({"model": model, "seed": seed, "data.train_subset": params["data"]["train_subset"],
                         "net": net_config, model: params[model], "train": train_params,
@@ -148,7 +221,7 @@ def main() -> None:
         progress.close()
         run.finish("KILLED")
         # The interrupt may land between an epoch's end and its checkpoint: report the file's epoch.
-        saved_epoch = load_torch(checkpoint)["epoch"] if checkpoint.exists() else 0
+        saved_epoch = read_resume_state(checkpoint, torch.device("cpu"), stage).get("epoch", 0)
         if saved_epoch:
             fail(f"{stage} interrupted; its state after epoch {saved_epoch} is saved in {checkpoint}. "
                  f"Run `dvc repro {stage}` to resume from there.", status=130)
@@ -173,6 +246,7 @@ def main() -> None:
     run.log_artifact(results_dir / "log.csv")
     run.finish()
     checkpoint.unlink(missing_ok=True)
+    _lock_file(checkpoint).unlink(missing_ok=True)
     last = state.log[-1]
     print(f"{stage}: {state.epoch} epochs, train loss {last.train_loss:.4f}, "
           f"held-out loss {last.heldout_loss:.4f} -> {models_dir / 'model.pt'}")

@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -615,3 +616,288 @@ def test_two_queued_experiments_run_in_parallel_into_one_mlflow_store(tmp_path):
     assert all(run.info.status == "FINISHED" and run.data.tags["stage"] == "train@ddpm" for run in runs)
     assert all({"train_loss", "heldout_loss"} <= set(run.data.metrics) for run in runs)
     assert not list((root / ".dvc").rglob("mlflow.db"))  # nothing landed in the temporary copies
+
+
+# ---------------------------------------------------------------- a hostile try-out's findings
+def copy_of(reference: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained reference repo (a test may damage it), store included."""
+    root = tmp_path / "repo"
+    shutil.copytree(reference, root)
+    return root
+
+
+def runs_of(root: Path, stage: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-diffusion")
+    return [run for run in client.search_runs([experiment.experiment_id])
+            if run.data.tags.get("stage") == stage]
+
+
+def test_store_creation_killed_at_any_moment_leaves_a_store_the_next_stage_opens(reference, tmp_path):
+    """Killing the first stage while MLflow builds mlflow.db (tables, then migrations) used to
+    leave a half-built store that every later stage refused ("table ... already exists")."""
+    root = copy_of(reference, tmp_path)
+    for delay in (0.05, 0.3, 0.8, 1.5):
+        (root / "mlflow.db").unlink(missing_ok=True)
+        proc = subprocess.Popen(stage_cmd("sample", "ddgm"), cwd=root, env=env_for(root),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not list(root.glob("*mlflow.db*")) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        rerun = run_stage(root, "sample", "ddgm")
+        assert rerun.returncode == 0, f"killed {delay} s into store creation:\n{rerun.stderr}"
+        assert sorted(p.name for p in root.glob("*mlflow.db*")) == ["mlflow.db"]
+
+
+def test_half_built_store_is_refused_in_one_line_that_says_what_to_do(reference, tmp_path):
+    import sqlite3
+
+    root = copy_of(reference, tmp_path)
+    (root / "mlflow.db").unlink()
+    with sqlite3.connect(root / "mlflow.db") as db:  # the first tables of a killed creation
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT)")
+        db.execute("CREATE TABLE logged_models (model_id TEXT PRIMARY KEY)")
+    result = run_stage(root, "sample", "ddgm")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot open the MLflow tracking store at sqlite:///{root / 'mlflow.db'}")
+    assert f"mv {root / 'mlflow.db'} {root / 'mlflow.db'}.broken" in line, line
+
+
+@pytest.mark.parametrize("content, why", [
+    (lambda good: good.astype(np.float32) / 255, "got float32 (32, 28, 28)"),
+    (lambda good: good.astype(np.float64), "got float64 (32, 28, 28)"),
+    (lambda good: np.full((32, 28, 28), np.nan, np.float32), "float32 (32, 28, 28) holding NaN"),
+    (lambda good: good[:, :14], "got uint8 (32, 14, 28)"),
+    (lambda good: good[:0], "got uint8 (0, 28, 28)"),
+    (lambda good: b"1 2 3\n4 5 6\n", "not a NumPy .npy file"),
+    (lambda good: np.array([{"pickled": 1}], dtype=object), "not a plain NumPy array"),
+], ids=["unit-float", "0-255-float", "nan", "shape", "empty", "text", "pickle"])
+def test_evaluate_refuses_samples_that_are_not_the_sample_stages_uint8_images(reference, tmp_path,
+                                                                               content, why):
+    """Float images were scored as if they were uint8 (FID 495 for [0, 1], 3.5e7 for 0-255)."""
+    root = copy_of(reference, tmp_path)
+    assert run_stage(root, "sample", "ddgm").returncode == 0
+    samples = root / "results/sample/ddgm/samples.npy"
+    bad = content(np.load(samples))
+    if isinstance(bad, bytes):
+        samples.write_bytes(bad)
+    else:
+        np.save(samples, bad, allow_pickle=True)
+    result = run_stage(root, "evaluate", "ddgm")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: results/sample/ddgm/samples.npy: ") and why in line, line
+    assert "dvc repro --force sample@ddgm" in line
+    assert not (root / "results/evaluate").exists()
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (flip_bytes, "damaged: its contents do not match the checksum"),
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "not a readable torch file, truncated or damaged"),
+    (lambda p: p.write_bytes(b""), "the file is empty"),
+    (lambda p: torch.save({"config": {}, "ema": {}, "net": {}}, p), "it has no checksum"),
+    (lambda p: save_torch({"config": {}, "state_dict": {}}, p), "not a model file of the train stage"),
+], ids=["flipped", "truncated", "empty", "foreign", "classifier-file"])
+def test_damaged_or_foreign_model_file_is_refused_in_one_line(reference, tmp_path, damage, why):
+    """64 flipped bytes in the middle of a model file used to load and sample (17 EMA weights
+    changed, the largest to 453); truncated or foreign files gave EOFError/KeyError tracebacks."""
+    root = copy_of(reference, tmp_path)
+    damage(root / "models/ddgm/model.pt")
+    before = tree(root / "results")
+    result = run_stage(root, "sample", "ddgm")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: models/ddgm/model.pt: ") and why in line, line
+    assert line.endswith("re-create it with `dvc repro --force train@ddgm`")
+    assert tree(root / "results") == before
+
+
+def test_flipped_bytes_in_the_classifier_file_are_refused(reference, tmp_path):
+    from diffusion.classifier import MnistClassifier, load_classifier, save_classifier
+    from diffusion.io import ModelFileError
+
+    path = tmp_path / "classifier.pt"
+    save_classifier(MnistClassifier(), path)
+    load_classifier(path, torch.device("cpu"))
+    flip_bytes(path)
+    with pytest.raises(ModelFileError, match="damaged"):
+        load_classifier(path, torch.device("cpu"))
+
+
+def test_failing_stage_ends_its_run_failed_and_a_killed_ones_run_is_closed_killed(reference, tmp_path):
+    """Runs of failed or killed sample/evaluate stages stayed RUNNING for ever."""
+    root = copy_of(reference, tmp_path)
+    failing = ("import runpy, sys\nimport diffusion.model\n"
+               "def broken(*args, **kwargs):\n    raise RuntimeError('out of luck')\n"
+               "diffusion.model.DiffusionModel.sample = broken\n"
+               "sys.argv = ['stages.sample', 'ddgm']\n"
+               "runpy.run_module('stages.sample', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", failing], cwd=root, env=env_for(root),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "out of luck" in result.stderr
+    assert [run.info.status for run in runs_of(root, "sample@ddgm")] == ["FAILED"]
+
+    proc = subprocess.Popen([sys.executable, "-c", failing.replace(
+        "raise RuntimeError('out of luck')", "import time; time.sleep(600)")],
+        cwd=root, env=env_for(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(runs_of(root, "sample@ddgm")) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert sorted(run.info.status for run in runs_of(root, "sample@ddgm")) == ["FAILED", "RUNNING"]
+    assert run_stage(root, "sample", "ddgm").returncode == 0
+    assert sorted(run.info.status for run in runs_of(root, "sample@ddgm")) == \
+        ["FAILED", "FINISHED", "KILLED"]
+
+
+def test_unreachable_tracking_server_fails_within_seconds_in_one_line(reference, tmp_path):
+    """MLflow retried http://127.0.0.1:9/ for 251 s before saying anything."""
+    root = copy_of(reference, tmp_path)
+    started = time.monotonic()
+    result = run_stage(root, "sample", "ddgm",
+                       env=env_for(root, MLFLOW_TRACKING_URI="http://127.0.0.1:9/"))
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach the MLflow tracking server at http://127.0.0.1:9/")
+    assert not (root / "results/sample").exists()
+
+
+def test_store_locked_by_another_writer_for_12_s_is_waited_for(reference, tmp_path):
+    """The stage gave up after 8.6 s although its retries promised about 25 s."""
+    import sqlite3
+    import threading
+
+    root = copy_of(reference, tmp_path)
+    locked = threading.Event()
+
+    def hold_lock() -> None:
+        db = sqlite3.connect(root / "mlflow.db", isolation_level=None, check_same_thread=False)
+        db.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(12)
+        db.execute("COMMIT")
+        db.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    locked.wait()
+    result = run_stage(root, "sample", "ddgm")
+    holder.join()
+    assert result.returncode == 0, result.stderr
+    assert [run.info.status for run in runs_of(root, "sample@ddgm")] == ["FINISHED"]
+
+
+def test_store_removed_mid_training_gives_one_warning_and_no_tracebacks(tmp_path):
+    """MLflow's own 4 ERROR entries and 8 tracebacks used to follow the removal."""
+    root = scratch(tmp_path / "repo", {"train": {"epochs": 4}})
+    proc = subprocess.Popen(stage_cmd("train", "ddgm"), cwd=root, env=env_for(root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not resume_files(root):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    (root / "mlflow.db").unlink()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines() == [
+        f"warning: MLflow logging failed (the store {root / 'mlflow.db'} was removed); "
+        "the stage goes on without it"], err
+    assert (root / "models/ddgm/model.pt").is_file() and "4 epochs" in out
+
+
+def test_store_errors_name_their_cause_not_the_wrapper():
+    """A read-only store showed SQLAlchemy's autoflush advice and hid sqlite3's reason."""
+    import sqlite3
+
+    import sqlalchemy
+
+    from stages.tracking import root_cause
+
+    with pytest.raises(sqlalchemy.exc.OperationalError) as info:
+        engine = sqlalchemy.create_engine(
+            "sqlite://", creator=lambda: sqlite3.connect("file::memory:?mode=ro", uri=True))
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("CREATE TABLE t (x INTEGER)"))
+    try:
+        raise RuntimeError("(raised as a result of Query-invoked autoflush; consider using a "
+                           "session.no_autoflush block ...)") from info.value
+    except RuntimeError as wrapped:
+        assert root_cause(wrapped) in ("attempt to write a readonly database",
+                                       "unable to open database file")
+    full = sqlite3.OperationalError("database or disk is full")
+    assert root_cause(full) == "no space left on the device that holds the store"
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(28, "No space left on device"),
+    OSError("50176 requested and 24448 written"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 2048"),
+], ids=["ENOSPC", "short-write", "torch-zip"])
+def test_full_disk_is_named_in_one_line_whatever_the_writer_says(tmp_path, monkeypatch, failure):
+    import shutil as shutil_module
+
+    from diffusion.io import NoSpaceError
+
+    if not isinstance(failure, OSError) or failure.errno is None:  # the writer says nothing of
+        monkeypatch.setattr(shutil_module, "disk_usage",            # space: the free bytes do
+                            lambda path: shutil_module._ntuple_diskusage(10**9, 10**9, 4096))
+    with pytest.raises(NoSpaceError, match=f"^no space left on {tmp_path}: free some space"):
+        with atomic_path(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise failure
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_on_a_full_disk_fails_in_one_line_and_ends_its_run_failed(reference, tmp_path):
+    root = copy_of(reference, tmp_path)
+    full = ("import errno, runpy, sys\nimport numpy as np\n"
+            "def no_space(*args, **kwargs):\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "np.save = no_space\n"
+            "sys.argv = ['stages.sample', 'ddgm']\n"
+            "runpy.run_module('stages.sample', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", full], cwd=root, env=env_for(root),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: no space left on results/sample/ddgm: free some space and re-run"]
+    assert [run.info.status for run in runs_of(root, "sample@ddgm")] == ["FAILED"]
+
+
+def test_resume_states_of_earlier_params_are_removed_unless_a_live_run_holds_them(tmp_path):
+    """Resume files of params that had since changed were never removed."""
+    import fcntl
+
+    root = scratch(tmp_path / "repo", {"train": {"epochs": 1}})
+    resume = root / ".resume"
+    resume.mkdir()
+    stale, held, other_stage = (resume / "train@ddgm-00000000000stale.pt",
+                                resume / "train@ddgm-0000000000000held.pt",
+                                resume / "train@ddpm-0000000000000ddpm.pt")
+    for path in (stale, held, other_stage):
+        save_torch({"epoch": 1, "net": {}, "ema": {}, "filler": torch.zeros(2**18)}, path)
+    with open(held.with_suffix(".lock"), "a") as lock:  # a parallel experiment training now
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = run_stage(root, "train", "ddgm")
+    assert result.returncode == 0, result.stderr
+    assert "train@ddgm: removed 1 resume state(s) of earlier params (1.0 MiB)" in result.stdout
+    assert not stale.exists() and held.exists() and other_stage.exists()
+    assert sorted(p.name for p in resume.iterdir()) == sorted(
+        [held.name, held.with_suffix(".lock").name, other_stage.name])

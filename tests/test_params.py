@@ -53,8 +53,9 @@ def test_shipped_params_validate():
 
 
 BAD = [  # (key, bad value, fragment of the allowed values)
-    ("ddpm.n_T", 0, "an integer >= 1"),
-    ("ddgm.n_T", -5, "an integer >= 1"),
+    ("ddpm.n_T", 0, "an integer in [1, 100000]"),
+    ("ddgm.n_T", -5, "an integer in [1, 100000]"),
+    ("ddpm.n_T", 1_000_000_000, "an integer in [1, 100000]"),
     ("ddpm.betas", [1e-4], "0 < beta_1 < beta_T < 1"),
     ("ddpm.betas", [0.02, 1e-4], "0 < beta_1 < beta_T < 1"),
     ("ddgm.betas", [0.0, 0.02], "0 < beta_1 < beta_T < 1"),
@@ -62,12 +63,13 @@ BAD = [  # (key, bad value, fragment of the allowed values)
     ("ddgm.betas", [1e-4, 0.02, 0.03], "0 < beta_1 < beta_T < 1"),
     ("ddgm.theta_0", -1.0, "a number > 0"),
     ("ddgm.theta_0", 0, "a number > 0"),
-    ("train.epochs", 0, "an integer >= 1"),
-    ("classifier.epochs", 0, "an integer >= 1"),
-    ("train.batch_size", 0, "an integer >= 1"),
-    ("sample.batch_size", 0, "an integer >= 1"),
-    ("evaluate.batch_size", -1, "an integer >= 1"),
-    ("classifier.batch_size", 0, "an integer >= 1"),
+    ("train.epochs", 0, "an integer in [1, 100000]"),
+    ("classifier.epochs", 0, "an integer in [1, 1000]"),
+    ("train.batch_size", 0, "an integer in [1, 65536]"),
+    ("train.batch_size", 10**9, "an integer in [1, 65536]"),
+    ("sample.batch_size", 0, "an integer in [1, 65536]"),
+    ("evaluate.batch_size", -1, "an integer in [1, 65536]"),
+    ("classifier.batch_size", 0, "an integer in [1, 65536]"),
     ("train.lr", 0.0, "a number in (0, 3.4e+38]"),
     ("train.lr", -2e-4, "a number in (0, 3.4e+38]"),
     ("train.lr", 1e300, "a number in (0, 3.4e+38]"),
@@ -87,31 +89,32 @@ BAD = [  # (key, bad value, fragment of the allowed values)
     ("sample.eta", -0.1, "a number in [0, 1]"),
     ("sweep.eta", 2, "a number in [0, 1]"),
     ("evaluate.n_samples", 3, "an integer in [4, 10000]"),
-    ("sweep.n_samples", 3, "an integer >= 4"),
+    ("sweep.n_samples", 3, "an integer in [4, 1000000]"),
+    ("sample.n_samples", 10**12, "an integer in [1, 1000000]"),
     ("evaluate.n_samples", 10001, "10000 = sample.n_samples"),
     ("net.hidden", [], "a non-empty list"),
-    ("net.hidden", [16, 0, 16], "each entry an integer >= 1"),
+    ("net.hidden", [16, 0, 16], "each entry an integer in [1, 1024]"),
     ("data.train_subset", -1, "an integer in [0, 60000]"),
     ("data.train_subset", 60001, "an integer in [0, 60000]"),
     ("train.holdout_subset", -1, "an integer in [0, 10000]"),
     ("train.holdout_subset", 10001, "an integer in [0, 10000]"),
     ("train.grid_every", 0, "an integer >= 1"),
-    ("train.grid_size", 0, "an integer >= 1"),
+    ("train.grid_size", 0, "an integer in [1, 1024]"),
     ("evaluate.psnr_t", [0, 50], "each entry an integer in [1, 1000]"),
     ("evaluate.psnr_t", [1001], "each entry an integer in [1, 1000]"),
     ("plot.t_show", [-1, 0], "each entry an integer in [0, 1000]"),
     ("plot.t_show", [1001], "each entry an integer in [0, 1000]"),
-    ("plot.n_digits", 0, "an integer >= 1"),
+    ("plot.n_digits", 0, "an integer in [1, 64]"),
     ("seed", 4.2, "an integer"),
     ("seed", "42", "an integer"),
     ("data.local_dir", 5, "a string"),
     ("train.compile", "yes", "true or false"),
-    ("train.epochs", True, "an integer >= 1"),   # a bool is not an int
+    ("train.epochs", True, "an integer in [1, 100000]"),   # a bool is not an int
     ("seed", False, "an integer"),
     ("train.lr", "fast", "a number in (0, 3.4e+38]"),   # a non-numeric string is not a number
     ("train.lr", float("nan"), "a number in (0, 3.4e+38]"),
     ("train.lr", float("inf"), "a number in (0, 3.4e+38]"),
-    ("train.epochs", 10.0, "an integer >= 1"),     # a float is not an int
+    ("train.epochs", 10.0, "an integer in [1, 100000]"),     # a float is not an int
     ("net", [16, 32], "must be a mapping with keys hidden, activation"),
 ]
 
@@ -121,6 +124,22 @@ def test_bad_value_is_one_line_naming_key_value_and_allowed(key, value, allowed)
     message = error_of(with_value(key, value))
     assert f"{key} = {value!r} is not allowed: " in message
     assert allowed in message
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("ddgm.theta_0", 1e155, "theta_0 = 1e+155 is outside [1.57e-06, 0.316] for this schedule"),
+    ("ddgm.theta_0", 1e-200, "theta_0 = 1e-200 is outside [1.57e-06, 0.316] for this schedule"),
+    ("ddgm.theta_0", 1e-15, "theta_0 = 1e-15 is outside [1.57e-06, 0.316] for this schedule"),
+    ("ddpm.betas", [1e-8, 2e-8], "1 - alpha_bar_T = 1.5e-05 is below 0.001"),
+    ("ddgm.betas", [0.5, 0.9], "alpha_bar_T = 0 is below 1e-30"),
+], ids=lambda v: v if isinstance(v, str) and "." in v else None)
+def test_values_within_each_bound_that_break_the_schedule_are_refused(key, value, why):
+    """Each key is in range, but the schedule they make leaves no noise, underflows, or asks
+    the Gamma draw for shapes it cannot draw exactly: refused in one line, before any work."""
+    message = error_of(with_value(key, value))
+    model = key.split(".")[0]
+    assert f"{key} = {value!r}" in message and f"{model}.n_T = 1000" in message
+    assert why in message
 
 
 def test_message_format_is_exact():
@@ -232,7 +251,7 @@ def test_load_params_or_exit(project, capsys):
     with pytest.raises(SystemExit) as info:
         load_params_or_exit("train@ddpm", project)
     assert info.value.code == 2
-    assert capsys.readouterr().err == "error: params.yaml: train.epochs = 0 is not allowed: must be an integer >= 1\n"
+    assert capsys.readouterr().err == "error: params.yaml: train.epochs = 0 is not allowed: must be an integer in [1, 100000]\n"
 
 
 def run_cli(cwd):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
-from diffusion.process import GammaProcess, GaussianProcess, make_process, process_for_model
+from diffusion.process import (MAX_GAMMA_SHAPE, MIN_GAMMA_SHAPE, GammaProcess, GaussianProcess,
+                               ScheduleError, make_process, process_for_model)
 
 N_DRAWS = 100_000
 
@@ -100,3 +101,36 @@ def test_config_round_trip_and_model_names():
         assert type(rebuilt) is type(process) and rebuilt.config() == process.config()
     with pytest.raises(ValueError, match="allowed are 'ddpm', 'ddgm'"):
         process_for_model("vae", {})
+
+
+@pytest.mark.parametrize("end", ["smallest", "largest"])
+def test_gamma_noise_is_exact_at_both_ends_of_the_allowed_theta_0(end):
+    """At the ends of ``theta_0_range`` the Gamma shapes reach MIN_GAMMA_SHAPE (t = 1) and
+    MAX_GAMMA_SHAPE (t = T): the draws there still have mean 0, variance 1 and the skewness
+    2 / sqrt(k_bar), and are not quantised."""
+    low, high = GammaProcess((1e-4, 0.02), 1000, 0.001).theta_0_range()
+    process = GammaProcess((1e-4, 0.02), 1000, low if end == "smallest" else high)
+    t_value = 1000 if end == "smallest" else 1
+    eps = process.noise(torch.full((N_DRAWS,), t_value), (N_DRAWS,),
+                        generator=torch.Generator().manual_seed(5))
+    k_bar = process.k_bar[t_value].item()
+    assert k_bar == pytest.approx(MAX_GAMMA_SHAPE if end == "smallest" else MIN_GAMMA_SHAPE)
+    mean, var, skew = moments(eps)
+    assert abs(mean) < 4 / math.sqrt(N_DRAWS)
+    if end == "smallest":  # nearly Gaussian: tight moments, draws as distinct as float32 randn's
+        assert var == pytest.approx(1.0, abs=4 * math.sqrt(2 / N_DRAWS))  # (99.93 %; 99.76 % at
+        assert eps.unique().numel() > 0.998 * N_DRAWS                     # k_bar 1e17: too coarse)
+    else:  # Gamma(1e-3): skewness 63, so the sample variance scatters widely; check its order
+        assert 0.5 < var < 2.0 and skew > 20
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: GaussianProcess((1e-8, 2e-8), 1000), "1 - alpha_bar_T = 1.5e-05 is below 0.001"),
+    (lambda: GaussianProcess((0.5, 0.9), 1000), "alpha_bar_T = 0 is below 1e-30"),
+    (lambda: GammaProcess((1e-4, 0.02), 1000, 1e155), "theta_0 = 1e+155 is outside"),
+    (lambda: GammaProcess((1e-4, 0.02), 1000, 1e-200), "theta_0 = 1e-200 is outside"),
+    (lambda: GammaProcess((1e-4, 0.02), 1000, 1e-15), "theta_0 = 1e-15 is outside"),
+])
+def test_schedules_that_cannot_be_computed_exactly_are_refused(make, why):
+    with pytest.raises(ScheduleError, match=why.replace("+", r"\+").replace(".", r"\.")):
+        make()
