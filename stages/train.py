@@ -17,7 +17,6 @@ is unchanged); rank 0 alone writes the outputs and the resume state and logs to 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import glob
 import hashlib
@@ -41,11 +40,6 @@ from diffusion.training import (EpochRecord, NonFiniteLossError, TrainConfig, Tr
 from stages.common import RAW_DIR, EpochProgress, fail, mnist_on, model_argument, plain, stage_main
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError, repo_root
-
-try:
-    import fcntl
-except ImportError:  # Windows: resume states are neither locked nor cleaned up
-    fcntl = None
 
 GRID_SEED_OFFSET = 2  # the grids' fixed noise comes from seed + 2 (seed + 1 is the held-out noise)
 
@@ -83,53 +77,18 @@ def read_resume_state(checkpoint: Path, device: torch.device, stage: str) -> dic
         return {}
 
 
-_HELD_LOCKS: list = []  # open lock files, held until the process ends
+def report_other_resume_states(stage: str, current: Path) -> None:
+    """Say where this stage's resume states of other params (or data) are, and their size.
 
-
-def _lock_file(checkpoint: Path) -> Path:
-    return checkpoint.with_suffix(".lock")
-
-
-def hold_resume_lock(checkpoint: Path, stage: str) -> None:
-    """Mark ``checkpoint`` as in use for as long as this process lives (an flock, which the
-    system drops when the process dies, however it dies)."""
-    if fcntl is None:
-        return
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(_lock_file(checkpoint), "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fail(f"another {stage} with the same params and data is training now (it holds "
-             f"{_lock_file(checkpoint)}); wait for it to finish")
-    _HELD_LOCKS.append(handle)
-
-
-def remove_stale_resume_states(stage: str, keep: Path) -> None:
-    """Delete this stage's resume states of other params (or data) that no live run holds.
-
-    A state is kept while its params are current; once they change, it would only be used if
-    the params changed back, and each one holds a copy of the weights and optimiser.
+    They are kept, not removed: if the params change back, training resumes from them.
     """
-    if fcntl is None:
-        return
-    removed, freed = 0, 0
-    for path in keep.parent.glob(f"{glob.escape(stage)}-*.pt"):
-        if path == keep:
-            continue
-        with open(_lock_file(path), "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a run of those params is training now (a parallel experiment)
-            with contextlib.suppress(FileNotFoundError):
-                freed += path.stat().st_size
-                path.unlink()
-                removed += 1
-            _lock_file(path).unlink(missing_ok=True)
-    if removed:
-        print(f"{stage}: removed {removed} resume state(s) of earlier params "
-              f"({freed / 2**20:.1f} MiB) from {keep.parent}", flush=True)
+    others = [path for path in current.parent.glob(f"{glob.escape(stage)}-*.pt") if path != current]
+    if others:
+        size = sum(path.stat().st_size for path in others)
+        print(f"{stage}: {len(others)} resume state(s) of other params or data "
+              f"({size / 2**20:.1f} MiB) in {current.parent}: "
+              f"{', '.join(sorted(path.name for path in others))}; they resume if those params "
+              "come back, delete them to free the space", flush=True)
 
 
 class Silent:
@@ -173,8 +132,7 @@ def main() -> None:
     except TrackingUnavailableError as error:
         fail(str(error))
     if world.is_main:
-        hold_resume_lock(checkpoint, stage)
-        remove_stale_resume_states(stage, checkpoint)
+        report_other_resume_states(stage, checkpoint)
     if not resumed:
         run.log_params({"model": model, "seed": seed, "data.train_subset": params["data"]["train_subset"],
                         "net": net_config, model: params[model], "train": train_params,
@@ -246,7 +204,6 @@ def main() -> None:
     run.log_artifact(results_dir / "log.csv")
     run.finish()
     checkpoint.unlink(missing_ok=True)
-    _lock_file(checkpoint).unlink(missing_ok=True)
     last = state.log[-1]
     print(f"{stage}: {state.epoch} epochs, train loss {last.train_loss:.4f}, "
           f"held-out loss {last.heldout_loss:.4f} -> {models_dir / 'model.pt'}")

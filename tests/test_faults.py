@@ -620,9 +620,16 @@ def test_two_queued_experiments_run_in_parallel_into_one_mlflow_store(tmp_path):
 
 # ---------------------------------------------------------------- a hostile try-out's findings
 def copy_of(reference: Path, tmp_path: Path) -> Path:
-    """A private copy of the trained reference repo (a test may damage it), store included."""
+    """A private copy of the trained reference repo (a test may damage it), with its store
+    but none of its runs (deleted), so ``runs_of`` sees only the runs the test makes."""
+    from mlflow.tracking import MlflowClient
+
     root = tmp_path / "repo"
     shutil.copytree(reference, root)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-diffusion")
+    for run in client.search_runs([experiment.experiment_id]):
+        client.delete_run(run.info.run_id)
     return root
 
 
@@ -769,6 +776,7 @@ def test_failing_stage_ends_its_run_failed_and_a_killed_ones_run_is_closed_kille
 def test_unreachable_tracking_server_fails_within_seconds_in_one_line(reference, tmp_path):
     """MLflow retried http://127.0.0.1:9/ for 251 s before saying anything."""
     root = copy_of(reference, tmp_path)
+    before = tree(root / "results")
     started = time.monotonic()
     result = run_stage(root, "sample", "ddgm",
                        env=env_for(root, MLFLOW_TRACKING_URI="http://127.0.0.1:9/"))
@@ -776,7 +784,7 @@ def test_unreachable_tracking_server_fails_within_seconds_in_one_line(reference,
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot reach the MLflow tracking server at http://127.0.0.1:9/")
-    assert not (root / "results/sample").exists()
+    assert tree(root / "results") == before
 
 
 def test_store_locked_by_another_writer_for_12_s_is_waited_for(reference, tmp_path):
@@ -881,23 +889,19 @@ def test_stage_on_a_full_disk_fails_in_one_line_and_ends_its_run_failed(referenc
     assert [run.info.status for run in runs_of(root, "sample@ddgm")] == ["FAILED"]
 
 
-def test_resume_states_of_earlier_params_are_removed_unless_a_live_run_holds_them(tmp_path):
-    """Resume files of params that had since changed were never removed."""
-    import fcntl
-
+def test_resume_states_of_other_params_are_reported_with_where_and_how_big(tmp_path):
+    """Resume files of params that had since changed piled up unseen; they are kept (they
+    resume if the params change back) but a train stage now says where they are and their size."""
     root = scratch(tmp_path / "repo", {"train": {"epochs": 1}})
     resume = root / ".resume"
-    resume.mkdir()
-    stale, held, other_stage = (resume / "train@ddgm-00000000000stale.pt",
-                                resume / "train@ddgm-0000000000000held.pt",
-                                resume / "train@ddpm-0000000000000ddpm.pt")
-    for path in (stale, held, other_stage):
-        save_torch({"epoch": 1, "net": {}, "ema": {}, "filler": torch.zeros(2**18)}, path)
-    with open(held.with_suffix(".lock"), "a") as lock:  # a parallel experiment training now
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        result = run_stage(root, "train", "ddgm")
+    earlier = [resume / f"train@ddgm-{'0' * 15}{i}.pt" for i in (1, 2)]
+    other_stage = resume / f"train@ddpm-{'0' * 16}.pt"
+    for path in (*earlier, other_stage):
+        save_torch({"epoch": 1, "net": {}, "ema": {}, "filler": torch.zeros(2**17)}, path)
+    result = run_stage(root, "train", "ddgm")
     assert result.returncode == 0, result.stderr
-    assert "train@ddgm: removed 1 resume state(s) of earlier params (1.0 MiB)" in result.stdout
-    assert not stale.exists() and held.exists() and other_stage.exists()
-    assert sorted(p.name for p in resume.iterdir()) == sorted(
-        [held.name, held.with_suffix(".lock").name, other_stage.name])
+    assert (f"train@ddgm: 2 resume state(s) of other params or data (1.0 MiB) in {resume}: "
+            f"{earlier[0].name}, {earlier[1].name}; they resume if those params come back, "
+            "delete them to free the space") in result.stdout
+    assert "resuming" not in result.stdout
+    assert sorted(resume.iterdir()) == sorted([*earlier, other_stage])
