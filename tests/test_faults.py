@@ -642,6 +642,12 @@ def runs_of(root: Path, stage: str) -> list:
             if run.data.tags.get("stage") == stage]
 
 
+def sample_stage_with(patch: str) -> list[str]:
+    """The command of ``python -m stages.sample ddgm`` run after the Python lines ``patch``."""
+    return [sys.executable, "-c", f"import runpy, sys\n{patch}\nsys.argv = ['stages.sample', 'ddgm']\n"
+            "runpy.run_module('stages.sample', run_name='__main__')\n"]
+
+
 def test_store_creation_killed_at_any_moment_leaves_a_store_the_next_stage_opens(reference, tmp_path):
     """Killing the first stage while MLflow builds mlflow.db (tables, then migrations) used to
     leave a half-built store that every later stage refused ("table ... already exists")."""
@@ -748,18 +754,16 @@ def test_flipped_bytes_in_the_classifier_file_are_refused(reference, tmp_path):
 def test_failing_stage_ends_its_run_failed_and_a_killed_ones_run_is_closed_killed(reference, tmp_path):
     """Runs of failed or killed sample/evaluate stages stayed RUNNING for ever."""
     root = copy_of(reference, tmp_path)
-    failing = ("import runpy, sys\nimport diffusion.model\n"
+    failing = ("import diffusion.model\n"
                "def broken(*args, **kwargs):\n    raise RuntimeError('out of luck')\n"
-               "diffusion.model.DiffusionModel.sample = broken\n"
-               "sys.argv = ['stages.sample', 'ddgm']\n"
-               "runpy.run_module('stages.sample', run_name='__main__')\n")
-    result = subprocess.run([sys.executable, "-c", failing], cwd=root, env=env_for(root),
+               "diffusion.model.DiffusionModel.sample = broken")
+    result = subprocess.run(sample_stage_with(failing), cwd=root, env=env_for(root),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "out of luck" in result.stderr
     assert [run.info.status for run in runs_of(root, "sample@ddgm")] == ["FAILED"]
 
-    proc = subprocess.Popen([sys.executable, "-c", failing.replace(
-        "raise RuntimeError('out of luck')", "import time; time.sleep(600)")],
+    proc = subprocess.Popen(sample_stage_with(failing.replace(
+        "raise RuntimeError('out of luck')", "import time; time.sleep(600)")),
         cwd=root, env=env_for(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(runs_of(root, "sample@ddgm")) < 2:
@@ -875,13 +879,11 @@ def test_full_disk_is_named_in_one_line_whatever_the_writer_says(tmp_path, monke
 
 def test_stage_on_a_full_disk_fails_in_one_line_and_ends_its_run_failed(reference, tmp_path):
     root = copy_of(reference, tmp_path)
-    full = ("import errno, runpy, sys\nimport numpy as np\n"
+    full = ("import errno\nimport numpy as np\n"
             "def no_space(*args, **kwargs):\n"
             "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "np.save = no_space\n"
-            "sys.argv = ['stages.sample', 'ddgm']\n"
-            "runpy.run_module('stages.sample', run_name='__main__')\n")
-    result = subprocess.run([sys.executable, "-c", full], cwd=root, env=env_for(root),
+            "np.save = no_space")
+    result = subprocess.run(sample_stage_with(full), cwd=root, env=env_for(root),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
