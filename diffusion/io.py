@@ -19,9 +19,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 _UMASK = os.umask(0)
@@ -190,7 +193,7 @@ class SamplesFileError(ValueError):
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def load_samples(path: Path | str, image_shape: tuple[int, int] = (28, 28)) -> "np.ndarray":
+def load_samples(path: Path | str, image_shape: tuple[int, int] = (28, 28)) -> np.ndarray:
     """Generated images written by the sample stage: a ``.npy`` file of uint8 (N, 28, 28).
 
     Anything else is refused rather than scored: float images in [0, 1] or [0, 255] give
