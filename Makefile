@@ -1,18 +1,24 @@
-# The two commands of a fresh machine: `make repro` (set up, run the pipeline) and
-# `make test` (set up, run the tests). `make install` alone sets up.
+# The commands of a fresh machine: `make repro` (set up, run the pipeline with params.yaml),
+# `make quick` (set up, run the CPU-sized experiment of quick.yaml) and `make test` (set up, run
+# the tests). `make install` alone sets up.
 PYTHON ?= python3
 # torch 2.14.1 with torchvision 0.29.1 is the pair this project is tested with; on machines
 # that already have a working torch (Colab), `make install TORCH=` skips it.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install repro test
+.PHONY: install repro quick test
 
 install:
 	$(if $(TORCH),$(PYTHON) -m pip install -q $(TORCH))
 	$(PYTHON) -m pip install -q -e ".[test]"
 
+# Without a GPU, stages.estimate first says how long the run will take here (Ctrl-C to stop).
 repro: install
+	$(PYTHON) -m stages.estimate
 	dvc repro
+
+quick: install
+	$(PYTHON) -m stages.quick quick.yaml
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -18,7 +18,7 @@ from torch import nn
 
 from diffusion.data import to_model_range, to_uint8
 from diffusion.io import load_torch, save_torch
-from diffusion.network import DenoiserCNN
+from diffusion.network import DenoiserCNN, autocast, resolve_precision
 from diffusion.process import NoiseProcess, make_process
 from diffusion.sampling import sample
 
@@ -43,14 +43,18 @@ class DiffusionModel(nn.Module):
 
     Images in model range are float (N, 1, 28, 28) in [-1, 1]; timesteps t run from 0 (clean)
     to ``process.n_T`` and are given as an int (same t for every image) or a tensor (N,).
-    ``forward(x_t, t)`` is the network's noise estimate eps_theta(x_t, t).
+    ``forward(x_t, t)`` is the network's noise estimate eps_theta(x_t, t), computed in
+    ``precision`` ("auto", "bf16" or "fp32"; see ``diffusion.network.resolve_precision``).
     """
 
-    def __init__(self, net: DenoiserCNN, process: NoiseProcess, config: dict | None = None) -> None:
+    def __init__(self, net: DenoiserCNN, process: NoiseProcess, config: dict | None = None,
+                 precision: str = "auto") -> None:
         super().__init__()
+        resolve_precision(precision, "cpu")  # reject an unknown value here, not at first use
         self.net = net
         self.process = process
         self.config = dict(config or {})
+        self.precision = precision
 
     @property
     def device(self) -> torch.device:
@@ -75,19 +79,24 @@ class DiffusionModel(nn.Module):
     def forward(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t): the noise estimate, float (N, 1, 28, 28)."""
         t = self._timesteps(t, x_t.shape[0])
-        return self.net(x_t.to(self.device, torch.float32), t.float() / self.process.n_T).float()
+        with autocast(self.device, self.precision):
+            eps = self.net(x_t.to(self.device, torch.float32), t.float() / self.process.n_T)
+        return eps.float()
 
     @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, sampler: str = "ancestral",
-               eta: float = 1.0, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+               eta: float = 1.0, seed: int = 0, batch_size: int | None = None,
+               clip_x0: bool = False) -> torch.Tensor:
         """``n`` generated digits as uint8 (n, 28, 28) on the CPU, reproducible from ``seed``.
 
         ``sampler`` is "ancestral" (Ho et al. 2020, Algorithm 2) or "ddim" (Song et al. 2021,
-        eq. 12, with ``eta``); ``steps`` (default n_T) evenly spaced timesteps are used.
+        eq. 12, with ``eta``); ``steps`` (default n_T) evenly spaced timesteps are used;
+        ``clip_x0`` clips the x0 estimate of every step to [-1, 1] (``diffusion.sampling``).
         """
         generator = torch.Generator(self.device).manual_seed(seed)
         x = sample(self.net, self.process, n, steps=steps, sampler=sampler, eta=eta,
-                   device=self.device, generator=generator, batch_size=batch_size)
+                   device=self.device, generator=generator, batch_size=batch_size,
+                   precision=self.precision, clip_x0=clip_x0)
         return to_uint8(x).cpu()
 
     @torch.no_grad()
@@ -122,8 +131,10 @@ class DiffusionModel(nn.Module):
 
 
 def load(path: Path | str, device: torch.device | str | None = None,
-         weights: str = "ema") -> DiffusionModel:
-    """Load a model file written by the train stage; ``weights`` is "ema" (default) or "net"."""
+         weights: str = "ema", precision: str = "auto") -> DiffusionModel:
+    """Load a model file written by the train stage; ``weights`` is "ema" (default) or "net",
+    ``precision`` the arithmetic the network runs in from now on (not the one it trained in,
+    which the file's config records as ``precision``)."""
     if weights not in ("ema", "net"):
         raise ValueError(f"weights = {weights!r} is not allowed: use 'ema' or 'net'")
     device = torch.device(device) if device is not None else default_device()
@@ -131,7 +142,8 @@ def load(path: Path | str, device: torch.device | str | None = None,
     config = state["config"]
     net = DenoiserCNN(tuple(config["net"]["hidden"]), config["net"]["activation"])
     net.load_state_dict(state[weights])
-    return DiffusionModel(net.to(device), make_process(config["process"]), config).eval()
+    return DiffusionModel(net.to(device), make_process(config["process"]), config,
+                          precision).eval()
 
 
 # Where the MLflow model directory logged by the train stage keeps the weights-only model file

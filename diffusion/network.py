@@ -16,19 +16,45 @@ from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 PRECISIONS = ("auto", "bf16", "fp32")
+# torch.cpu.get_capabilities() keys of instructions that compute bf16 products natively:
+# AMX-BF16 tiles and AVX512-BF16 dot products on x86, BF16 (BFDOT/BFMMLA) and SVE-BF16 on ARM64.
+# Without them oneDNN emulates bf16 by converting to float32, and autocast only adds the casts.
+NATIVE_BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (so bf16 autocast is faster)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        return any(capabilities.get(feature) is True for feature in NATIVE_BF16_CPU_FEATURES)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The arithmetic the network runs in: "bf16" or "fp32".
+
+    "auto" is bf16 where the device has native bf16 matrix support (CUDA GPUs, CPUs with
+    AMX-BF16 / AVX512-BF16 / ARM BF16) and fp32 elsewhere; "bf16" and "fp32" force one.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision = {precision!r} is not allowed: use {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
-    """The autocast context for the network: bf16 for "bf16" (or "auto" on CUDA), else off.
+    """The autocast context for the network: bf16 where ``resolve_precision`` says so, else off.
 
     Only the network's matmuls and convolutions run in bf16; the caller keeps x_t, the noise
     and the schedule coefficients in float32 (or float64), so precision never touches the maths
     of the noise process.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision = {precision!r} is not allowed: use {', '.join(PRECISIONS)}")
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
 
 class ConvBlock(nn.Sequential):

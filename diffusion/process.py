@@ -23,6 +23,8 @@ Algorithm 2). Timesteps run from 1 to n_T; index 0 of every schedule array is t 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 # Limits within which the schedule's maths holds in the precisions used (see ``check``).
@@ -31,6 +33,19 @@ MIN_FINAL_NOISE = 1e-3    # 1 - alpha_bar_T below it: x_T is the image, not nois
 MIN_GAMMA_SHAPE = 1e-3    # k_bar_1 below it: Gamma draws lose their mean and variance (float64)
 MAX_GAMMA_SHAPE = 1e16    # k_bar_T above it: (G - k_bar) in float64 steps by 2^-52 sqrt(k_bar) > 2e-8,
                           # within a few float32 spacings of eps near 1 (1.2e-7): draws collide
+
+
+def timesteps_at(fractions: Sequence[float], n_T: int, lowest: int = 0) -> list[int]:
+    """The timesteps round(f * n_T) of fractions f in [0, 1] of a schedule, none below
+    ``lowest``, in the given order with repeats dropped.
+
+    Params name timesteps as fractions so that one value fits every n_T: 0.5 is t = 500 of
+    1000 steps and t = 5 of 10.
+    """
+    for fraction in fractions:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction of n_T = {fraction!r} is not allowed: must be in [0, 1]")
+    return list(dict.fromkeys(max(lowest, round(f * n_T)) for f in fractions))
 
 
 class ScheduleError(ValueError):

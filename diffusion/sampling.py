@@ -19,6 +19,13 @@ samplers differ only in the coefficient tables (a, b, c), computed in float64:
   c1 = eta sqrt((1 - alpha_bar_t/alpha_bar_prev)(1 - alpha_bar_prev)/(1 - alpha_bar_t)) and
   c2 = sqrt(1 - alpha_bar_prev - c1^2). eta = 0 is deterministic; eta = 1 has the posterior
   variance beta_tilde.
+
+Clipping (``clip_x0``): as x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t), every
+update can be written x_prev = p_i x0_hat + q_i x_t + c_i z with p = -b sqrt(alpha_bar_t) /
+sqrt(1 - alpha_bar_t) and q = a + b / sqrt(1 - alpha_bar_t). With x0_hat clipped to the data
+range [-1, 1] first, this is the posterior mean of Ho et al. (eq. 7) at the clipped estimate for
+the ancestral sampler (improved-diffusion's ``clip_denoised``) and DDIM with eps re-derived from
+the clipped estimate (diffusers' ``clip_sample``). Unclipped, it is the same update.
 """
 
 from __future__ import annotations
@@ -45,6 +52,13 @@ def timestep_sequence(n_T: int, steps: int) -> list[int]:
     return torch.linspace(1, n_T, steps, dtype=torch.float64).round().long().tolist()
 
 
+def steps_within(steps: int, n_T: int) -> int:
+    """A step count for a schedule of n_T steps: more than n_T means all n_T (said by callers)."""
+    if steps < 1:
+        raise ValueError(f"steps = {steps} is not allowed: must be at least 1")
+    return min(steps, n_T)
+
+
 @dataclass
 class SamplerPlan:
     """The update coefficients of one sampler run, from tau_S = n_T down to tau_1."""
@@ -54,6 +68,12 @@ class SamplerPlan:
     a: torch.Tensor            # float64, one per update
     b: torch.Tensor
     c: torch.Tensor
+    sqrt_ab: torch.Tensor      # sqrt(alpha_bar_{tau_i}), so x0_hat = (x - s eps) / sqrt_ab
+    s: torch.Tensor            # sqrt(1 - alpha_bar_{tau_i})
+
+    def x0_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p, q) of the same update written x_prev = p x0_hat + q x_t + c z (see the module doc)."""
+        return -self.b * self.sqrt_ab / self.s, self.a + self.b / self.s
 
 
 def plan(process: NoiseProcess, steps: int, sampler: str = "ancestral", eta: float = 1.0) -> SamplerPlan:
@@ -76,7 +96,7 @@ def plan(process: NoiseProcess, steps: int, sampler: str = "ancestral", eta: flo
         c2 = (1.0 - ab_prev - c ** 2).clamp(min=0.0).sqrt()
         a = (ab_prev / ab_t).sqrt()
         b = c2 - (ab_prev * (1.0 - ab_t) / ab_t).sqrt()
-    return SamplerPlan(current.tolist(), previous.tolist(), a, b, c)
+    return SamplerPlan(current.tolist(), previous.tolist(), a, b, c, ab_t.sqrt(), (1.0 - ab_t).sqrt())
 
 
 @torch.no_grad()
@@ -84,15 +104,20 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
            sampler: str = "ancestral", eta: float = 1.0, device: torch.device | str = "cpu",
            generator: torch.Generator | None = None, batch_size: int | None = None,
            x_T: torch.Tensor | None = None,
-           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, torch.Tensor], None] | None = None,
+           precision: str = "auto", clip_x0: bool = False) -> torch.Tensor:
     """Draw ``n`` images in [-1, 1]-ish float32 (N, 1, 28, 28) from ``net`` under ``process``.
 
     ``x_T`` fixes the starting noise (else drawn from ``process.prior``); ``callback(t, x)`` sees the
     state after each update (t = the timestep reached), e.g. to record a reverse trajectory.
+    ``precision`` is the network's arithmetic (see ``diffusion.network.resolve_precision``);
+    ``clip_x0`` clips each step's x0 estimate to [-1, 1] (see the module doc).
     """
     device = torch.device(device)
     run = plan(process, steps or process.n_T, sampler, eta)
-    a, b, c = (coef.to(device=device, dtype=torch.float32) for coef in (run.a, run.b, run.c))
+    p, q = run.x0_form()
+    a, b, c, p, q, sqrt_ab, s = (coef.to(device=device, dtype=torch.float32)
+                                 for coef in (run.a, run.b, run.c, p, q, run.sqrt_ab, run.s))
     batch_size = batch_size or n
     was_training = net.training
     net.eval()
@@ -104,9 +129,13 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
              else process.prior(shape, device=device, generator=generator))
         for i, (t, t_prev) in enumerate(zip(run.timesteps, run.previous)):
             t_batch = torch.full((size,), t, device=device, dtype=torch.long)
-            with autocast(device):  # bf16 on CUDA; x, a, b, c and the noise stay float32
+            with autocast(device, precision):  # x, a, b, c and the noise stay float32
                 eps = net(x, t_batch.float() / process.n_T).float()
-            x = a[i] * x + b[i] * eps
+            if clip_x0:
+                x0_hat = (x - s[i] * eps) / sqrt_ab[i]
+                x = p[i] * x0_hat.clamp(-1.0, 1.0) + q[i] * x
+            else:
+                x = a[i] * x + b[i] * eps
             if t_prev > 0 and run.c[i] != 0:
                 prev_batch = torch.full((size,), t_prev, device=device, dtype=torch.long)
                 x = x + c[i] * process.noise(prev_batch, shape, device=device, generator=generator)

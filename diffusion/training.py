@@ -12,9 +12,9 @@ each epoch's permutation, and each epoch's t and noise come from a generator see
 (seed, epoch, rank), so on the CPU the same inputs give bit-identical weights, and a run resumed
 after any epoch continues exactly.
 
-Mixed precision: ``TrainConfig.precision`` "auto" runs the network under bf16 autocast on CUDA
-and in float32 elsewhere; "bf16" and "fp32" force one or the other. Only the network's
-arithmetic is affected: x_t, the noise (the Gamma draw is float64, see process.py) and the loss
+Mixed precision: ``TrainConfig.precision`` "auto" runs the network under bf16 autocast where the
+device multiplies bf16 natively (CUDA, CPUs with AMX-BF16 or AVX512-BF16) and in float32
+elsewhere; "bf16" and "fp32" force one or the other. Only the network's arithmetic is affected: x_t, the noise (the Gamma draw is float64, see process.py) and the loss
 stay float32.
 
 Several processes: under ``torchrun`` (see diffusion/distributed.py) the network is wrapped in
@@ -54,7 +54,7 @@ class TrainConfig:
     holdout_subset: int = 0   # test images for the held-out loss; 0 = all
     seed: int = 42
     compile: bool = False
-    precision: str = "auto"   # "auto" (bf16 autocast on CUDA, fp32 elsewhere) | "bf16" | "fp32"
+    precision: str = "auto"   # "auto" (bf16 where the device has it natively) | "bf16" | "fp32"
 
 
 @dataclass

@@ -3,11 +3,13 @@
 Writes ``results/evaluate/<model>/metrics.json`` with, for ``evaluate.n_samples`` test images
 (a random subset fixed by ``seed`` when fewer than all 10000) and the first as many samples:
 - ``heldout_loss``: the denoising loss (Ho eq. 14) on test images, noise fixed by ``seed``;
-- ``psnr_t<t>``: PSNR (dB) of the one-step estimate x0_hat(x_t) against the clean test image;
+- ``psnr_t<t>``: PSNR (dB) of the one-step estimate x0_hat(x_t) against the clean test image, at
+  t = round(f * n_T) for each fraction f of ``evaluate.psnr_t`` (at least t = 1);
 - ``quality``: FID, KID, classifier Inception Score, precision/recall and class balance of the
   samples against the test set, on the features of the stage ``classifier``'s network;
 - ``floor``: the same metrics for as many real training images against the test set, i.e. what
   a perfect model would score with this sample count (FID depends on it: it is recorded too).
+The model runs in ``precision`` (the classifier in float32, so scores compare across machines).
 The metrics go to an MLflow run nested under the model's training run, and onto that run too.
 """
 
@@ -23,6 +25,8 @@ from diffusion.data import to_model_range
 from diffusion.io import save_json
 from diffusion.metrics import psnr, quality_metrics
 from diffusion.model import DiffusionModel, load
+from diffusion.network import resolve_precision
+from diffusion.process import timesteps_at
 from diffusion.training import heldout_loss
 from stages.common import (fail, load_or_exit, mnist_reference, model_argument, parent_run_id,
                            plain, samples_or_exit, stage_main)
@@ -58,18 +62,17 @@ def main() -> None:
         fail(f"evaluate.n_samples = {n} but results/sample/{model_name} holds only "
              f"{samples.shape[0]} images: raise sample.n_samples or lower evaluate.n_samples",
              status=2)
-    model = load_or_exit(load, models_dir / "model.pt")
+    model = load_or_exit(load, models_dir / "model.pt", precision=params["precision"])
     device = model.device
-    too_big = [t for t in settings["psnr_t"] if t > model.process.n_T]
-    if too_big:
-        fail(f"evaluate.psnr_t has {too_big}, beyond this model's n_T = {model.process.n_T}", 2)
+    precision = resolve_precision(model.precision, device)
     classifier = load_or_exit(load_classifier, Path("models/classifier/classifier.pt"), device)
     parent = parent_run_id(models_dir)
     try:
         run = Run(stage, model_name, parent_run_id=parent)
     except TrackingUnavailableError as error:
         fail(str(error))
-    run.log_params({"seed": seed, "evaluate": settings})
+    run.log_params({"seed": seed, "evaluate": settings, "precision": params["precision"],
+                    "precision_resolved": precision})
 
     test_images = mnist_reference(device, train=False, n=n, seed=seed)
     train_images = mnist_reference(device, train=True, n=n, seed=seed)
@@ -78,9 +81,9 @@ def main() -> None:
     metrics: dict = {
         "n_samples": n,
         "heldout_loss": heldout_loss(model.net, model.process, test_images, seed=seed,
-                                     batch_size=batch_size),
+                                     batch_size=batch_size, precision=precision),
     }
-    for t in settings["psnr_t"]:
+    for t in timesteps_at(settings["psnr_t"], model.process.n_T, lowest=1):
         metrics[f"psnr_t{t}"] = psnr_at(model, test_images, t, seed=seed, batch_size=batch_size)
     test_feats, test_probs = embed(classifier, test_images, batch_size)
     fake_feats, fake_probs = embed(classifier, fake, batch_size)

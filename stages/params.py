@@ -22,6 +22,7 @@ import yaml
 MODELS = ("ddpm", "ddgm")               # the diffusion models; each has its own section
 SAMPLERS = ("ancestral", "ddim")
 ACTIVATIONS = ("gelu", "relu", "silu")
+PRECISIONS = ("auto", "bf16", "fp32")
 MNIST_TRAIN, MNIST_TEST = 60000, 10000  # images in the MNIST training and test sets
 MIN_METRIC_SAMPLES = 4                  # precision/recall with k = 3 needs > k; FID needs >= 2
 
@@ -40,13 +41,6 @@ BAD = object()
 def _bound(b, get):
     """A bound is None, a number, or a function of ``get`` returning (number, explanation)."""
     return (None, "") if b is None else b(get) if callable(b) else (b, "")
-
-
-def min_n_t(get):
-    """Upper bound of a timestep or step count: every model's n_T."""
-    vals = {f"{m}.n_T": get(f"{m}.n_T") for m in MODELS}
-    low = min(vals.values())
-    return low, f"{low} = min({', '.join(f'{k} = {v}' for k, v in vals.items())}): used on every model"
 
 
 def sample_n_samples(get):
@@ -145,15 +139,21 @@ POSITIVE = Number(float, 0, lo_open=True)  # a number > 0
 # The optimiser holds lr as float32: larger values overflow before the first step.
 LEARNING_RATE = Number(float, 0, 3.4e38, lo_open=True, note="the optimiser's float32")
 UNIT = Number(float, 0, 1)                 # a number in [0, 1]
+BOOL = OfType(bool, "true or false")
 FOR_METRICS = "precision/recall with k = 3 needs more than 3 images"
 # Upper bounds: what one machine's memory and a run's time can carry, well above any use.
 MAX_N_T = 100_000         # schedules, sampling loops and the Gamma shapes grow with n_T
 MAX_BATCH = 65_536
 MAX_IMAGES = 1_000_000    # generated images are held in memory (uint8, 784 bytes each)
 BATCH = Int(1, MAX_BATCH)
+# Step counts may exceed a model's n_T (the stages then use all n_T steps and say so), and
+# timesteps are fractions of n_T, so changing n_T needs no other edit.
+STEPS = Int(1, MAX_N_T, note="more than a model's n_T means all n_T steps")
+FRACTION_OF_N_T = "a fraction of n_T: t = round(fraction * n_T)"
 MODEL = {"betas": Betas(), "n_T": Int(1, MAX_N_T, note="schedules grow with n_T")}
 SCHEMA = {
     "seed": Int(0, 2**32 - 1),
+    "precision": Choice(PRECISIONS),
     "data": {"train_subset": Int(0, MNIST_TRAIN, note="0 = all"), "local_dir": OfType(str, "a string")},
     "net": {"hidden": List(Int(1, 1024)), "activation": Choice(ACTIVATIONS)},
     "ddpm": dict(MODEL),
@@ -161,16 +161,17 @@ SCHEMA = {
     "train": {"epochs": Int(1, 100_000), "batch_size": BATCH, "lr": LEARNING_RATE,
               "ema_decay": Number(float, 0, 1, hi_open=True), "grid_every": Int(1),
               "grid_size": Int(1, 1024),
-              "holdout_subset": Int(0, MNIST_TEST, note="0 = all"), "compile": OfType(bool, "true or false")},
-    "sample": {"n_samples": Int(1, MAX_IMAGES), "sampler": Choice(SAMPLERS), "steps": Int(1, min_n_t),
-               "eta": UNIT, "batch_size": BATCH},
+              "holdout_subset": Int(0, MNIST_TEST, note="0 = all"), "compile": BOOL},
+    "sample": {"n_samples": Int(1, MAX_IMAGES), "sampler": Choice(SAMPLERS), "steps": STEPS,
+               "eta": UNIT, "clip_x0": BOOL, "batch_size": BATCH},
     "evaluate": {"n_samples": Int(MIN_METRIC_SAMPLES, sample_n_samples, note=FOR_METRICS),
-                 "psnr_t": List(Int(1, min_n_t)), "batch_size": BATCH},
+                 "psnr_t": List(Number(float, 0, 1, lo_open=True, note=FRACTION_OF_N_T)), "batch_size": BATCH},
     "classifier": {"epochs": Int(1, 1000), "batch_size": BATCH, "lr": LEARNING_RATE},
-    "sweep": {"steps": List(Int(1, min_n_t)), "samplers": List(Choice(SAMPLERS)),
+    "sweep": {"steps": List(STEPS), "samplers": List(Choice(SAMPLERS)),
               "n_samples": Int(MIN_METRIC_SAMPLES, MAX_IMAGES, note=FOR_METRICS), "eta": UNIT,
+              "clip_x0": BOOL,
               "batch_size": BATCH},
-    "plot": {"n_digits": Int(1, 64), "t_show": List(Int(0, min_n_t))},
+    "plot": {"n_digits": Int(1, 64), "t_show": List(Number(float, 0, 1, note=FRACTION_OF_N_T))},
 }
 
 

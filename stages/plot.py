@@ -5,8 +5,8 @@ Writes seven PNGs to ``results/plot/`` and logs them to MLflow:
 - ``loss_curves.png``: train and held-out loss per epoch (``results/train/<model>/log.csv``).
 - ``samples.png``: the first 64 sampled digits of each model (``results/sample/<model>``).
 - ``degradation.png``: ``plot.n_digits`` test digits under each model's forward process
-  q(x_t | x0) (Ho et al. 2020, eq. 4) at the timesteps ``plot.t_show``: Gaussian noise for DDPM,
-  Gamma noise for DDGM, with the schedules stored in the model files.
+  q(x_t | x0) (Ho et al. 2020, eq. 4) at t = round(f * n_T) for the fractions f of ``plot.t_show``:
+  Gaussian noise for DDPM, Gamma noise for DDGM, with the schedules stored in the model files.
 - ``trajectories.png``: x_t along ancestral sampling (Ho et al. 2020, Algorithm 2) of a few
   digits per model, from t = n_T down to 0.
 - ``class_balance.png``: the fraction of each model's samples per predicted digit, beside the
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +52,9 @@ REAL_LABEL, REAL_COLOR = "real training images", "tab:gray"
 CLIPPED = dict(cmap="gray", vmin=-1.0, vmax=1.0)  # model range [-1, 1]; values outside are clipped
 
 
-def degradation_rows(processes: dict[str, NoiseProcess], x0: torch.Tensor, t_show: list[int],
-                     seed: int) -> dict[str, torch.Tensor]:
-    """x_t ~ q(x_t | x0) for each process and t: float (n_digits, len(t_show), 28, 28) each.
+def degradation_rows(processes: dict[str, NoiseProcess], x0: torch.Tensor,
+                     timesteps: dict[str, list[int]], seed: int) -> dict[str, torch.Tensor]:
+    """x_t ~ q(x_t | x0) for each process at its ``timesteps``: float (n_digits, len, 28, 28) each.
 
     Every process starts from the same x0 and a generator seeded with ``seed``; t = 0 is x0.
     """
@@ -61,7 +62,7 @@ def degradation_rows(processes: dict[str, NoiseProcess], x0: torch.Tensor, t_sho
     for name, process in processes.items():
         generator = torch.Generator().manual_seed(seed)
         frames = []
-        for t in t_show:
+        for t in timesteps[name]:
             t_batch = torch.full((x0.shape[0],), t, dtype=torch.long)
             eps = process.noise(t_batch, x0.shape, generator=generator)
             frames.append(process.q_sample(x0, t_batch, eps)[:, 0])
@@ -87,8 +88,13 @@ def reverse_trajectory(model: DiffusionModel, n: int, points: int,
             frames[t] = x.clone()
 
     sample(model.net, model.process, n, device=model.device, generator=generator, x_T=x_T,
-           callback=record)
+           callback=record, precision=model.precision)
     return wanted, torch.stack([frames[t][:, 0].float().cpu() for t in wanted], dim=1)
+
+
+def same_or_both(timesteps: Iterable[list[int]]) -> list[str]:
+    """Column titles for frames of several models: "t = 50", or "t = 50 | 5" if their n_T differ."""
+    return [f"t = {' | '.join(dict.fromkeys(map(str, ts)))}" for ts in zip(*timesteps)]
 
 
 def read_log(path: Path) -> dict[str, np.ndarray]:
@@ -248,14 +254,14 @@ def plot_memorisation(samples: dict[str, np.ndarray], train_images: np.ndarray,
 @stage_main
 def main() -> None:
     params = load_params_or_exit("plot")
-    seed, n_digits, t_show = params["seed"], params["plot"]["n_digits"], params["plot"]["t_show"]
-    models = {name: load_or_exit(load, Path("models") / name / "model.pt") for name in MODELS}
+    seed, n_digits = params["seed"], params["plot"]["n_digits"]
+    models = {name: load_or_exit(load, Path("models") / name / "model.pt",
+                                 precision=params["precision"]) for name in MODELS}
     classifier = load_or_exit(load_classifier, Path("models/classifier/classifier.pt"),
                               next(iter(models.values())).device)
-    for name, model in models.items():
-        if max(t_show) > model.process.n_T:
-            fail(f"plot.t_show has t = {max(t_show)}, more than n_T = {model.process.n_T} of "
-                 f"models/{name}/model.pt: allowed are 0..n_T", status=2)
+    # Each model's timesteps of the fractions plot.t_show (repeats kept: columns line up).
+    t_show = {name: [round(f * model.process.n_T) for f in params["plot"]["t_show"]]
+              for name, model in models.items()}
     digits = load_mnist(RAW_DIR, train=False)[0][:n_digits]
     logs = {name: read_log(Path("results/train") / name / "log.csv") for name in MODELS}
     samples = {name: np.asarray(samples_or_exit(Path("results/sample") / name / "samples.npy")) for name in MODELS}
@@ -268,14 +274,14 @@ def main() -> None:
         run = Run("plot")
     except TrackingUnavailableError as error:
         fail(str(error))
-    run.log_params(plain({"seed": seed, "plot": params["plot"]}))
+    run.log_params(plain({"seed": seed, "plot": params["plot"], "precision": params["precision"]}))
 
     plot_losses(logs)
     plot_samples(samples)
     degraded = degradation_rows({name: m.process for name, m in models.items()},
                                 to_model_range(digits), t_show, seed)
     plot_frames([(f"digit {i + 1}\n{LABELS[name]}", degraded[name][i])
-                 for i in range(len(digits)) for name in MODELS], [f"t = {t}" for t in t_show],
+                 for i in range(len(digits)) for name in MODELS], same_or_both(t_show.values()),
                 f"Forward process q(x_t | x0), same digits and seed {seed} "
                 "(pixels clipped to [-1, 1])", "degradation.png")
     rows, steps = [], []
@@ -283,9 +289,7 @@ def main() -> None:
         timesteps, frames = reverse_trajectory(model, TRAJECTORIES, TRAJECTORY_POINTS, seed)
         steps.append(timesteps)
         rows += [(f"{LABELS[name]}\nsample {i + 1}", frames[i]) for i in range(TRAJECTORIES)]
-    columns = [f"t = {' | '.join(dict.fromkeys(map(str, ts)))}"  # "t = a | b" if n_T differ
-               for ts in zip(*steps)]
-    plot_frames(rows, columns, f"Ancestral sampling from t = n_T to 0, seed {seed} "
+    plot_frames(rows, same_or_both(steps), f"Ancestral sampling from t = n_T to 0, seed {seed} "
                 "(pixels clipped to [-1, 1])", "trajectories.png")
 
     plot_class_balance(metrics)

@@ -14,6 +14,8 @@ import numpy as np
 from diffusion.data import save_grid
 from diffusion.io import atomic_path
 from diffusion.model import load
+from diffusion.network import resolve_precision
+from diffusion.sampling import steps_within
 from stages.common import fail, load_or_exit, model_argument, parent_run_id, plain, stage_main
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
@@ -29,20 +31,23 @@ def main() -> None:
     settings = params["sample"]
     models_dir, out_dir = Path("models") / model_name, Path("results/sample") / model_name
     parent = parent_run_id(models_dir)
-    model = load_or_exit(load, models_dir / "model.pt")
-    if settings["steps"] > model.process.n_T:
-        fail(f"sample.steps = {settings['steps']} is more than this model's n_T = "
-             f"{model.process.n_T}", status=2)
+    model = load_or_exit(load, models_dir / "model.pt", precision=params["precision"])
+    precision = resolve_precision(model.precision, model.device)
+    steps = steps_within(settings["steps"], model.process.n_T)
+    if steps < settings["steps"]:
+        print(f"{stage}: sample.steps = {settings['steps']} is more than this model's n_T = "
+              f"{model.process.n_T}; sampling with all {steps} steps")
     try:
         run = Run(stage, model_name, parent_run_id=parent)
     except TrackingUnavailableError as error:
         fail(str(error))
-    run.log_params({"seed": params["seed"], "sample": settings})
+    run.log_params({"seed": params["seed"], "sample": settings, "precision": params["precision"],
+                    "precision_resolved": precision})
 
     started = time.perf_counter()
-    images = model.sample(settings["n_samples"], steps=settings["steps"],
+    images = model.sample(settings["n_samples"], steps=steps,
                           sampler=settings["sampler"], eta=settings["eta"], seed=params["seed"],
-                          batch_size=settings["batch_size"])
+                          batch_size=settings["batch_size"], clip_x0=settings["clip_x0"])
     seconds = time.perf_counter() - started
     with atomic_path(out_dir / "samples.npy") as tmp:
         with open(tmp, "wb") as file:
@@ -51,8 +56,8 @@ def main() -> None:
     run.log_metrics({"sample_seconds": seconds, "images_per_s": len(images) / seconds})
     run.log_artifact(out_dir / "grid.png")
     run.finish()
-    print(f"{stage}: {len(images)} images, {settings['sampler']} sampler, {settings['steps']} steps, "
-          f"{seconds:.1f} s on {model.device} -> {out_dir}")
+    print(f"{stage}: {len(images)} images, {settings['sampler']} sampler, {steps} steps, "
+          f"{seconds:.1f} s on {model.device} ({precision}) -> {out_dir}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ the features of the stage ``classifier``'s network in place of Inception-v3.
 
 For every sampler in ``sweep.samplers``, model (ddpm, ddgm) and step count in ``sweep.steps``, the
 stage draws ``sweep.n_samples`` images from the model's EMA weights (same ``seed`` in every cell,
-so every cell starts from the same noise; ``sweep.eta`` for DDIM, the ancestral sampler has no eta)
+so every cell starts from the same noise; ``sweep.eta`` for DDIM, the ancestral sampler has no eta;
+``sweep.clip_x0`` clips each step's x0 estimate)
 and scores them against ``sweep.n_samples`` MNIST test images, a random subset fixed by ``seed``
 (``quality_metrics``).
 The floor is the score of as many real training images: what a perfect model gets at this sample
@@ -17,7 +18,9 @@ count. Outputs, in ``results/sweep/``:
 - ``table.md``    the FID table in Markdown, rows = model x sampler, columns = steps
 - ``fid_vs_steps.png``  FID against steps (log x), one line per row, the floor dashed
 
-A step count above a model's n_T is skipped for that model (with a message); its cells stay empty.
+A step count above a model's n_T becomes n_T for that model (said once), so a smaller n_T needs no
+edit of ``sweep.steps``. ``precision`` sets the sampling arithmetic (the classifier stays float32,
+so FIDs compare across machines).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from diffusion.classifier import embed, load_classifier
 from diffusion.io import atomic_path, save_json, save_text
 from diffusion.metrics import quality_metrics
 from diffusion.model import load
+from diffusion.network import resolve_precision
+from diffusion.sampling import steps_within
 from stages.common import MODELS, RAW_DIR, fail, load_or_exit, mnist_reference, plain, stage_main
 from stages.params import load_params_or_exit
 from stages.tracking import Run, TrackingUnavailableError
@@ -51,10 +56,10 @@ def column(model: str, sampler: str) -> str:
     return f"{model}_{sampler}"
 
 
-def label(model: str, sampler: str, eta: float) -> str:
-    """Human-readable row name, e.g. ``Gamma (ddgm), DDIM eta=0``."""
+def label(model: str, sampler: str, eta: float, clip_x0: bool = False) -> str:
+    """Human-readable row name, e.g. ``Gamma (ddgm), DDIM eta=0`` (``, x0 clipped``)."""
     how = "ancestral (DDPM)" if sampler == "ancestral" else f"DDIM eta={eta:g}"
-    return f"{NOISE.get(model, model)} ({model}), {how}"
+    return f"{NOISE.get(model, model)} ({model}), {how}{', x0 clipped' if clip_x0 else ''}"
 
 
 def fid_rows(table: Table, columns: list[str], steps: list[int]) -> list[dict[str, float | str]]:
@@ -147,7 +152,6 @@ def main() -> None:
     params = plain(load_params_or_exit("sweep"))
     settings, seed = params["sweep"], params["seed"]
     n, batch_size, eta = settings["n_samples"], settings["batch_size"], settings["eta"]
-    steps = sorted(set(settings["steps"]))
     needed = [CLASSIFIER, *(Path("models") / m / "model.pt" for m in MODELS)]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
@@ -157,10 +161,20 @@ def main() -> None:
         run = Run("sweep")
     except TrackingUnavailableError as error:
         fail(str(error))
-    run.log_params({"seed": seed, "sweep": settings})
     try:
-        models = {m: load_or_exit(load, Path("models") / m / "model.pt") for m in MODELS}
+        models = {m: load_or_exit(load, Path("models") / m / "model.pt",
+                                  precision=params["precision"]) for m in MODELS}
         device = models[MODELS[0]].device
+        precision = resolve_precision(params["precision"], device)
+        run.log_params({"seed": seed, "sweep": settings, "precision": params["precision"],
+                        "precision_resolved": precision})
+        counts = {}  # model -> its step counts, each at most its n_T
+        for name, model in models.items():
+            counts[name] = sorted({steps_within(c, model.process.n_T) for c in settings["steps"]})
+            if max(settings["steps"]) > model.process.n_T:
+                print(f"sweep: step counts above {name}'s n_T = {model.process.n_T} are run as "
+                      f"{model.process.n_T} steps", file=sys.stderr)
+        steps = sorted(set().union(*counts.values()))
         test_images = mnist_reference(device, train=False, n=n, seed=seed)
         train_images = mnist_reference(device, train=True, n=n, seed=seed)
         if min(len(test_images), len(train_images)) < n:
@@ -177,19 +191,16 @@ def main() -> None:
             model.sample(min(n, batch_size), steps=1, seed=seed, batch_size=batch_size)
 
         # Paper order: samplers outer, models inner.
-        rows = {column(m, s): label(m, s, eta) for s in settings["samplers"] for m in MODELS}
+        rows = {column(m, s): label(m, s, eta, settings["clip_x0"])
+                for s in settings["samplers"] for m in MODELS}
         table: Table = {c: {} for c in rows}
         for sampler in settings["samplers"]:
             for name, model in models.items():
                 c = column(name, sampler)
-                for count in steps:
-                    if count > model.process.n_T:
-                        print(f"sweep: skipping {c} at {count} steps: more than this model's "
-                              f"n_T = {model.process.n_T}", file=sys.stderr)
-                        continue
+                for count in counts[name]:
                     started = time.perf_counter()
                     fake = model.sample(n, steps=count, sampler=sampler, eta=eta, seed=seed,
-                                        batch_size=batch_size)
+                                        batch_size=batch_size, clip_x0=settings["clip_x0"])
                     seconds = time.perf_counter() - started
                     fake_feats, fake_probs = embed(classifier, fake, batch_size)
                     scores = quality_metrics(fake_feats, fake_probs, test_feats, test_probs,
@@ -213,7 +224,7 @@ def main() -> None:
     for name in ("table.json", "fid.csv", "table.md", "fid_vs_steps.png"):
         run.log_artifact(OUT_DIR / name)
     run.finish()
-    print(f"sweep: {sum(map(len, table.values()))} cells on {n} samples "
+    print(f"sweep: {sum(map(len, table.values()))} cells on {n} samples, {precision} "
           f"(floor FID {floor['fid']:.2f}) -> {OUT_DIR}")
 
 

@@ -32,7 +32,7 @@ from diffusion import distributed
 from diffusion.data import save_grid, to_uint8
 from diffusion.io import ModelFileError, atomic_path, load_torch, save_json, save_torch
 from diffusion.model import default_device, save_model
-from diffusion.network import DenoiserCNN
+from diffusion.network import DenoiserCNN, resolve_precision
 from diffusion.process import process_for_model
 from diffusion.sampling import sample
 from diffusion.training import (EpochRecord, NonFiniteLossError, TrainConfig, TrainState,
@@ -120,6 +120,7 @@ def main() -> None:
     checkpoint = resume_path(stage, params)
 
     world, device = distributed.init(default_device())
+    config.precision = resolve_precision(params["precision"], device)
     torch.manual_seed(seed)  # the network's initial weights
     state = make_state(DenoiserCNN(tuple(net_config["hidden"]), net_config["activation"]),
                        config, device)
@@ -136,12 +137,15 @@ def main() -> None:
     if not resumed:
         run.log_params({"model": model, "seed": seed, "data.train_subset": params["data"]["train_subset"],
                         "net": net_config, model: params[model], "train": train_params,
+                        "precision": params["precision"], "precision_resolved": config.precision,
                         "device": str(device), "world_size": world.world_size})
 
     train_images, _ = mnist_on(device, train=True, subset=params["data"]["train_subset"])
     test_images, _ = mnist_on(device, train=False)
     grids: dict[int, torch.Tensor] = {int(k): v for k, v in saved.get("grids", {}).items()}
     if world.is_main:
+        print(f"{stage}: {config.precision} on {device} (precision: {params['precision']})",
+              flush=True)
         if resumed:
             print(f"{stage}: resuming from epoch {state.epoch} ({checkpoint})", flush=True)
         for epoch, images in grids.items():  # DVC removed the outputs before re-running the stage
@@ -162,7 +166,8 @@ def main() -> None:
         if record.epoch % train_params["grid_every"] == 0 or record.epoch == config.epochs:
             generator = torch.Generator(device).manual_seed(seed + GRID_SEED_OFFSET + 1)
             images = to_uint8(sample(state.ema, process, grid_noise.shape[0], device=device,
-                                     generator=generator, x_T=grid_noise)).cpu()
+                                     generator=generator, x_T=grid_noise,
+                                     precision=config.precision)).cpu()
             grids[record.epoch] = images
             path = grids_dir / f"epoch_{record.epoch:03d}.png"
             save_grid(images, path)
@@ -197,7 +202,7 @@ def main() -> None:
     save_model(models_dir / "model.pt", state.net, state.ema, process,
                {"model": model, "net": net_config, "seed": seed,
                 "train_subset": params["data"]["train_subset"], "train": train_params,
-                "epochs_trained": state.epoch})
+                "precision": config.precision, "epochs_trained": state.epoch})
     save_json({"run_id": run.run_id, "experiment_id": run.experiment_id}, models_dir / "run.json")
     run.log_artifact(models_dir / "model.pt", "model_file")
     run.log_pytorch_model(models_dir / "model.pt")  # runs:/<id>/model, mlflow.pytorch flavour

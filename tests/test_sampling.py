@@ -145,3 +145,33 @@ def test_every_sampler_lands_on_the_data_point_with_the_exact_noise_predictor(pr
                     generator=torch.Generator().manual_seed(2))
     assert torch.allclose(images.double(), target.expand(3, -1, -1, -1), atol=1e-4), \
         (images.double() - target).abs().max()
+
+
+@pytest.mark.parametrize("sampler, eta", [("ancestral", 1.0), ("ddim", 0.0)])
+def test_clipping_x0_changes_nothing_while_the_estimate_is_inside_the_data_range(sampler, eta):
+    # 0.3 x + t as eps keeps x0_hat far outside [-1, 1] at large t, so compare on the exact
+    # predictor: its x0 estimate is the data point itself, inside [-1, 1] at every step.
+    process = GammaProcess((1e-4, 0.02), 100, theta_0=0.001)
+    target = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(1)).double() * 2 - 1
+    runs = [sample(OracleNet(process, target), process, 2, steps=20, sampler=sampler, eta=eta,
+                   generator=torch.Generator().manual_seed(2), clip_x0=clip)
+            for clip in (False, True)]
+    assert torch.allclose(runs[0], runs[1], atol=1e-5)
+
+
+def test_clipping_x0_is_the_posterior_mean_at_the_clipped_estimate():
+    # One ancestral step from t = 2 to 1 (no respacing): Ho et al. eq. 7 with x0 clipped.
+    process = GaussianProcess((1e-4, 0.02), 2)
+    x_T = torch.full((1, 1, 28, 28), 3.0)
+    seen = []
+    sample(ConstantNet(), process, 1, steps=2, x_T=x_T, clip_x0=True,
+           generator=torch.Generator().manual_seed(0),
+           callback=lambda t, x: seen.append((t, x.clone())))
+    ab, beta = process.alpha_bar.double(), process.beta.double()
+    eps = 0.3 * 3.0 + 1.0
+    x0_hat = max(-1.0, min(1.0, (3.0 - math.sqrt(1 - ab[2]) * eps) / math.sqrt(ab[2])))
+    mean = (math.sqrt(ab[1]) * beta[2] / (1 - ab[2]) * x0_hat
+            + math.sqrt(1 - beta[2]) * (1 - ab[1]) / (1 - ab[2]) * 3.0)
+    noise = seen[0][1] - mean  # the step's noise is sqrt(beta_2) z, z standard normal
+    assert seen[0][0] == 1 and abs(float(noise.mean())) < 0.02
+    assert float(noise.std()) == pytest.approx(math.sqrt(beta[2]), rel=0.1)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from diffusion.network import DenoiserCNN
+from diffusion.network import DenoiserCNN, resolve_precision
 from diffusion.process import GammaProcess, GaussianProcess
 from diffusion.training import (NonFiniteLossError, TrainConfig, autocast, denoising_loss,
                                 ema_update, make_state, train)
@@ -124,3 +124,40 @@ def test_bf16_autocast_touches_the_network_only_and_gamma_noise_stays_exact():
     assert eps[2].unique().numel() > 700
     with pytest.raises(ValueError, match="precision = 'fp16' is not allowed"):
         autocast(cpu, "fp16")
+
+
+def test_bf16_training_is_bit_identical_from_the_same_seed():
+    config = TrainConfig(**{**CONFIG.__dict__, "precision": "bf16"})
+    process = GaussianProcess((1e-4, 0.02), 20)
+    a = train(fresh_state(config), process, images(), images(seed=1), config)
+    b = train(fresh_state(config), process, images(), images(seed=1), config)
+    assert_same_state(a, b)
+
+
+@pytest.mark.parametrize("capabilities, expected", [
+    ({"amx_bf16": True, "avx512_bf16": True}, "bf16"),   # Sapphire Rapids and later
+    ({"avx512_bf16": True}, "bf16"),                     # Cooper Lake, Zen 4
+    ({"bf16": True}, "bf16"),                            # ARM64 with BFDOT/BFMMLA
+    ({"avx512_f": True, "avx2": True, "avx512_bf16": False}, "fp32"),  # bf16 only emulated
+    ({}, "fp32"),
+])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    with autocast(torch.device("cpu"), "auto"):
+        assert torch.is_autocast_enabled("cpu") == (expected == "bf16")
+
+
+def test_model_runs_the_network_in_its_precision():
+    from diffusion.model import DiffusionModel
+
+    torch.manual_seed(0)
+    net = DenoiserCNN((4,))
+    x, process = torch.randn(2, 1, 28, 28), GaussianProcess((1e-4, 0.02), 10)
+    fp32, bf16 = (DiffusionModel(net, process, precision=p)(x, 5) for p in ("fp32", "bf16"))
+    assert fp32.dtype == bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
+    assert torch.allclose(fp32, bf16, atol=0.05)
+    assert torch.equal(fp32, net(x, torch.full((2,), 0.5)))
+    with pytest.raises(ValueError, match="precision = 'half' is not allowed"):
+        DiffusionModel(net, process, precision="half")
