@@ -2,12 +2,14 @@
 
     python -m benchmarks.speed [--device cpu|cuda] [--steps N] [--batch-size B] [--repeats R]
                                [--sample-n N] [--sample-steps S] [--data DIR] [--json PATH]
+                               [--precision auto|bf16|fp32]
 
 Measured on the same DenoiserCNN and batch size:
 
 - train images/s. Ours: ``diffusion.training.train`` for one epoch of ``steps`` batches on the
-  first steps x batch_size MNIST training images (device-resident uint8 data, EMA, bf16 autocast
-  and fused Adam on CUDA). Reference, written the way the seed coursework trained:
+  first steps x batch_size MNIST training images (device-resident uint8 data, EMA, the network
+  in ``--precision``: by default bf16 autocast on CUDA and on CPUs with native bf16; fused Adam
+  on CUDA). Reference, written the way the seed coursework trained:
   ``torchvision.datasets.MNIST`` with ToTensor + Normalize per item, a shuffled DataLoader, fp32,
   the DDPM forward process inline, Adam, and ``loss.item()`` every step.
 - sampling network evaluations/s (images x steps / s). Ours: ``diffusion.sampling.sample``
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 
 from diffusion.io import save_json
 from diffusion.mnist import load_mnist
-from diffusion.network import DenoiserCNN
+from diffusion.network import NATIVE_BF16_CPU_FEATURES, PRECISIONS, DenoiserCNN, resolve_precision
 from diffusion.process import GaussianProcess
 from diffusion.sampling import sample
 from diffusion.training import TrainConfig, make_state, train
@@ -65,24 +67,26 @@ def seconds(run: Callable[[], None], device: torch.device) -> float:
 
 # --- ours ------------------------------------------------------------------------------------
 def ours_train(images: torch.Tensor, steps: int, batch_size: int, device: torch.device,
-               seed: int) -> float:
+               seed: int, precision: str = "auto") -> float:
     """Training images/s of diffusion.training.train on ``steps`` batches."""
     data = images[:steps * batch_size].to(device)
-    config = TrainConfig(epochs=1, batch_size=batch_size, lr=LR, holdout_subset=1, seed=seed)
+    config = TrainConfig(epochs=1, batch_size=batch_size, lr=LR, holdout_subset=1, seed=seed,
+                         precision=precision)
     torch.manual_seed(seed)
     state = make_state(DenoiserCNN(), config, device)
     process = GaussianProcess(BETAS, N_T)
     return data.shape[0] / seconds(lambda: train(state, process, data, data[:1], config), device)
 
 
-def ours_sample(n: int, steps: int, device: torch.device, seed: int) -> float:
+def ours_sample(n: int, steps: int, device: torch.device, seed: int,
+                precision: str = "auto") -> float:
     """Network evaluations/s of diffusion.sampling.sample (ancestral, ``steps`` steps)."""
     torch.manual_seed(seed)
     net = DenoiserCNN().to(device)
     process = GaussianProcess(BETAS, steps)
     generator = torch.Generator(device).manual_seed(seed)
-    return n * steps / seconds(lambda: sample(net, process, n, device=device, generator=generator),
-                               device)
+    return n * steps / seconds(lambda: sample(net, process, n, device=device, generator=generator,
+                                              precision=precision), device)
 
 
 # --- reference: a plain loop, as the seed coursework wrote it ---------------------------------
@@ -146,7 +150,9 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    bf16 = [f for f in NATIVE_BF16_CPU_FEATURES if torch.cpu.get_capabilities().get(f) is True]
+    return (f"{name}, {torch.get_num_threads()} threads, "
+            f"native bf16: {', '.join(bf16) if bf16 else 'none'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -164,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a .../MNIST/raw folder with the four IDX files")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="ours: the network's arithmetic (the reference is always fp32)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     cuda = torch.cuda.is_available()
@@ -198,10 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
         transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
 
     runs = {
-        ("train", "ours"): lambda steps: ours_train(images, steps, args.batch_size, device, seed),
+        ("train", "ours"):
+            lambda steps: ours_train(images, steps, args.batch_size, device, seed, args.precision),
         ("train", "reference"):
             lambda steps: reference_train(dataset, steps, args.batch_size, device, seed),
-        ("sampling", "ours"): lambda steps: ours_sample(args.sample_n, steps, device, seed),
+        ("sampling", "ours"):
+            lambda steps: ours_sample(args.sample_n, steps, device, seed, args.precision),
         ("sampling", "reference"): lambda steps: reference_sample(args.sample_n, steps, device, seed),
     }
     for (task, _), run in runs.items():  # warm-up: allocator, cuDNN algorithm choice, first calls
@@ -218,9 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "date": datetime.date.today().isoformat(),
         "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+        "precision": resolve_precision(args.precision, device),
         "command": command.strip(),
         "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "repeats", "sample_n",
-                                                   "sample_steps", "seed")},
+                                                   "sample_steps", "seed", "precision")},
     }
     for task, unit in (("train", "train_images_per_s"), ("sampling", "sampling_evals_per_s")):
         ours = statistics.median(figures[task, "ours"])
@@ -231,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         results[unit] = {"ours": ours, "reference": reference, "ratio": ratio,
                          "runs": {who: figures[task, who] for who in ("ours", "reference")}}
 
-    print(f"device {results['device']} ({results['device_name']}), torch {results['torch']}")
+    print(f"device {results['device']} ({results['device_name']}), torch {results['torch']}, "
+          f"ours in {results['precision']}, reference in fp32")
     print(f"command: {results['command']}")
     print(f"median of {args.repeats}: {'':<2}{'ours':>12} {'reference':>12} {'ours/ref':>9}")
     for label, unit in (("train images/s", "train_images_per_s"),

@@ -26,7 +26,8 @@ def test_benchmark_writes_json_with_positive_figures(tmp_path):
     assert results["device"] == "cpu" and results["torch"] == __import__("torch").__version__
     assert results["command"].startswith("python -m benchmarks.speed --device cpu --steps 2")
     assert results["settings"] == {"steps": 2, "batch_size": 16, "repeats": 1, "sample_n": 4,
-                                   "sample_steps": 3, "seed": 0}
+                                   "sample_steps": 3, "seed": 0, "precision": "auto"}
+    assert results["precision"] in ("bf16", "fp32")  # "auto" resolved for this CPU
     for unit in ("train_images_per_s", "sampling_evals_per_s"):
         row = results[unit]
         assert row["ours"] > 0 and row["reference"] > 0
