@@ -12,13 +12,13 @@ install:
 	$(if $(TORCH),$(PYTHON) -m pip install -q $(TORCH))
 	$(PYTHON) -m pip install -q -e ".[test]"
 
-# Without a GPU, stages.estimate first says how long the run will take here (Ctrl-C to stop).
+# Without a GPU, tools.estimate first says how long the run will take here (Ctrl-C to stop).
 repro: install
-	$(PYTHON) -m stages.estimate
+	$(PYTHON) -m tools.estimate
 	dvc repro
 
 quick: install
-	$(PYTHON) -m stages.quick quick.yaml
+	$(PYTHON) -m tools.quick quick.yaml
 
 test: install
 	$(PYTHON) -m pytest -q

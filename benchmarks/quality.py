@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from diffusion.classifier import embed, load_classifier
+from diffusion.classifier import load_classifier
 from diffusion.data import save_grid
+from diffusion.evaluation import Reference
 from diffusion.io import save_json
-from diffusion.metrics import quality_metrics
-from diffusion.mnist import load_mnist
+from diffusion.mnist import load_mnist, random_subset
 from diffusion.model import DiffusionModel
-from diffusion.network import DenoiserCNN, resolve_precision
-from diffusion.process import process_for_model
+from diffusion.network import PRECISIONS, DenoiserCNN, resolve_precision
+from diffusion.process import make_process
+from diffusion.sampling import SAMPLERS
 from diffusion.training import TrainConfig, TrainState, make_state, train
 
 RAW_DIR = Path("data/MNIST/raw")
@@ -41,26 +42,19 @@ KEPT = ("fid", "kid_mean", "precision", "recall", "class_tv")
 def sampler_option(text: str) -> tuple[str, int, bool]:
     """``name:steps`` or ``name:steps:clip`` (x0 clipped to [-1, 1] in every step)."""
     name, steps, *clip = text.split(":")
-    if (name not in ("ancestral", "ddim") or not steps.isdigit() or int(steps) < 1
+    if (name not in SAMPLERS or not steps.isdigit() or int(steps) < 1
             or clip not in ([], ["clip"])):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not allowed: use ancestral:STEPS or ddim:STEPS, optionally with :clip")
     return name, int(steps), bool(clip)
 
 
-def reference(train: bool, n: int, seed: int) -> torch.Tensor:
-    """``n`` random MNIST digits (as the evaluate stage draws its reference)."""
-    images, _ = load_mnist(RAW_DIR, train=train)
-    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
-    return images[order[:n]]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("ddpm", "ddgm"), default="ddpm")
+    parser.add_argument("--model", default="ddpm", help="a model of params.yaml's models")
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--eval-at", default="", help="comma-separated epochs (default: the last)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--seed", type=int, default=None, help="default: params.yaml's seed")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--sampler", type=sampler_option, action="append", default=None)
@@ -69,6 +63,8 @@ def main() -> None:
     parser.add_argument("--grids", type=Path, default=None, help="folder for 64-digit grids")
     args = parser.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
+    if args.model not in params["models"]:
+        parser.error(f"--model {args.model} is not one of params.yaml's models {params['models']}")
     seed = params["seed"] if args.seed is None else args.seed
     samplers = args.sampler or [("ancestral", 100, False)]
     eval_at = sorted({int(e) for e in args.eval_at.split(",") if e} or {args.epochs})
@@ -79,17 +75,17 @@ def main() -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=train_params["batch_size"],
                          lr=args.lr or train_params["lr"], ema_decay=train_params["ema_decay"],
                          holdout_subset=1000, seed=seed, precision=precision)
-    process = process_for_model(args.model, params[args.model])
+    process = make_process(params[args.model])
     torch.manual_seed(seed)
-    net = DenoiserCNN(tuple(params["net"]["hidden"]), params["net"]["activation"])
+    net = DenoiserCNN(**params["net"])
     state = make_state(net, config, device)
     train_images = load_mnist(RAW_DIR, train=True)[0].to(device)
     test_images = load_mnist(RAW_DIR, train=False)[0].to(device)
 
     classifier = load_classifier(Path("models/classifier/classifier.pt"), device)
-    test_feats, test_probs = embed(classifier, reference(False, args.n_samples, seed))
-    real_feats, real_probs = embed(classifier, reference(True, args.n_samples, seed))
-    floor = quality_metrics(real_feats, real_probs, test_feats, test_probs, seed=seed)
+    reference = Reference.of(classifier, random_subset(test_images, args.n_samples, seed),
+                             random_subset(train_images, args.n_samples, seed), seed=seed)
+    floor = reference.floor
     rows: list[dict] = []
     train_seconds = 0.0
 
@@ -106,8 +102,7 @@ def main() -> None:
             images = model.sample(args.n_samples, steps=steps, sampler=name, eta=0.0,
                                   seed=seed, batch_size=1000, clip_x0=clip)
             sample_seconds = time.perf_counter() - started
-            feats, probs = embed(classifier, images)
-            quality = quality_metrics(feats, probs, test_feats, test_probs, seed=seed)
+            quality = reference.score(images)
             row = {"epoch": record.epoch, "sampler": name, "steps": steps, "clip_x0": clip,
                    "train_seconds": round(train_seconds, 1),
                    "sample_seconds": round(sample_seconds, 1),

@@ -45,6 +45,7 @@ class DiffusionModel(nn.Module):
     to ``process.n_T`` and are given as an int (same t for every image) or a tensor (N,).
     ``forward(x_t, t)`` is the network's noise estimate eps_theta(x_t, t), computed in
     ``precision`` ("auto", "bf16" or "fp32"; see ``diffusion.network.resolve_precision``).
+    The process is a submodule: ``.to(device)`` moves its schedules with the weights.
     """
 
     def __init__(self, net: DenoiserCNN, process: NoiseProcess, config: dict | None = None,
@@ -60,13 +61,6 @@ class DiffusionModel(nn.Module):
     def device(self) -> torch.device:
         """The device the network's weights are on."""
         return next(self.net.parameters()).device
-
-    def __getstate__(self) -> dict:
-        # Pickle the process rebuilt from its config: its cache of device copies (maybe on a
-        # GPU) stays behind, so the pickle loads on a machine without that device.
-        state = self.__dict__.copy()
-        state["process"] = make_process(self.process.config())
-        return state
 
     def _timesteps(self, t: int | torch.Tensor, n: int) -> torch.Tensor:
         """``t`` as a long tensor (n,) on the model's device, checked against 0..n_T."""
@@ -126,8 +120,7 @@ class DiffusionModel(nn.Module):
         x0 = x0.to(self.device, torch.float32)
         t = self._timesteps(t, x0.shape[0])
         generator = torch.Generator(self.device).manual_seed(seed)
-        eps = self.process.noise(t, x0.shape, device=self.device, generator=generator)
-        return self.process.q_sample(x0, t, eps)
+        return self.process.corrupt(x0, t, generator=generator)[0]
 
 
 def load(path: Path | str, device: torch.device | str | None = None,
@@ -142,8 +135,7 @@ def load(path: Path | str, device: torch.device | str | None = None,
     config = state["config"]
     net = DenoiserCNN(tuple(config["net"]["hidden"]), config["net"]["activation"])
     net.load_state_dict(state[weights])
-    return DiffusionModel(net.to(device), make_process(config["process"]), config,
-                          precision).eval()
+    return DiffusionModel(net, make_process(config["process"]), config, precision).to(device).eval()
 
 
 # Where the MLflow model directory logged by the train stage keeps the weights-only model file

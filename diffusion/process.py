@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 # Limits within which the schedule's maths holds in the precisions used (see ``check``).
 MIN_ALPHA_BAR = 1e-30     # alpha_bar_T below it: 1/sqrt(alpha_bar) of the x0 estimate leaves float32
@@ -52,26 +53,30 @@ class ScheduleError(ValueError):
     """A schedule whose noise process cannot be computed exactly; the message says why."""
 
 
-class NoiseProcess:
+class NoiseProcess(nn.Module):
     """A diffusion process with a linear beta schedule over ``n_T`` steps.
 
-    Subclasses define only ``noise``. Schedules are float64 tensors indexed by t = 0..n_T.
+    Subclasses define only ``noise``. The schedules are float64 buffers indexed by t = 0..n_T,
+    so ``.to(device)`` moves them with the module and they are copied to the device once, not
+    every step (a host-to-device copy per step would make the host wait for the GPU). A process
+    must be on the device of the timesteps it is given.
     """
 
     name: str = ""
 
     def __init__(self, betas: tuple[float, float], n_T: int) -> None:
+        super().__init__()
         beta_1, beta_T = betas
         self.n_T = int(n_T)
         self.beta_range = (float(beta_1), float(beta_T))
         beta = torch.zeros(self.n_T + 1, dtype=torch.float64)
         # Ho et al. (2020), section 4: beta_t linear from beta_1 to beta_T.
         beta[1:] = torch.linspace(beta_1, beta_T, self.n_T, dtype=torch.float64)
-        self.beta = beta
-        self.alpha = 1.0 - beta
-        self.alpha_bar = torch.cumprod(self.alpha, dim=0)  # alpha_bar_0 = 1
+        self.register_buffer("beta", beta, persistent=False)
+        self.register_buffer("alpha", 1.0 - beta, persistent=False)
+        self.register_buffer("alpha_bar", torch.cumprod(1.0 - beta, dim=0),  # alpha_bar_0 = 1
+                             persistent=False)
         self.check()
-        self._device_copies: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def check(self) -> None:
         """Raise ``ScheduleError`` unless x_T holds noise and x0 can be estimated from x_t."""
@@ -86,29 +91,32 @@ class NoiseProcess:
                 "almost the clean image, with no noise to start sampling from; use larger betas "
                 "or more steps")
 
-    def on(self, name: str, device: torch.device | str) -> torch.Tensor:
-        """Schedule array ``name`` on ``device``, copied once and kept.
-
-        Copying it from the host every step would make the host wait for the GPU each time.
-        """
-        key = (name, torch.device(device))
-        if key not in self._device_copies:
-            self._device_copies[key] = getattr(self, name).to(key[1])
-        return self._device_copies[key]
+    @property
+    def device(self) -> torch.device:
+        return self.alpha_bar.device
 
     # --- the part that differs between processes -------------------------------------------
     def noise(self, t: torch.Tensor, shape: torch.Size | tuple[int, ...], *,
-              device: torch.device | str = "cpu",
               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standardised noise eps (mean 0, variance 1) for timesteps ``t`` (one per batch row)."""
+        """Standardised noise eps (mean 0, variance 1), float32 on ``t``'s device, for timesteps
+        ``t`` (one per batch row)."""
         raise NotImplementedError
 
     # --- shared maths --------------------------------------------------------------------------
+    def _at(self, schedule: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``schedule[t]`` in ``like``'s dtype, shaped to broadcast over its batch rows."""
+        return schedule[t].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Forward corruption x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho eq. 4)."""
-        alpha_bar = self.on("alpha_bar", x0.device)[t].to(x0.dtype)
-        alpha_bar = alpha_bar.view(-1, *[1] * (x0.dim() - 1))
+        alpha_bar = self._at(self.alpha_bar, t, x0)
         return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * eps
+
+    def corrupt(self, x0: torch.Tensor, t: torch.Tensor, *,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A draw of x_t ~ q(x_t | x0) with this process's noise: (x_t, the noise eps used)."""
+        eps = self.noise(t, x0.shape, generator=generator)
+        return self.q_sample(x0, t, eps), eps
 
     def training_target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """What the network learns to predict: the noise eps (Ho eq. 14; DDGM Algorithm 1)."""
@@ -116,24 +124,27 @@ class NoiseProcess:
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert eq. 4 for x0 given a noise estimate: the one-step estimate of the clean image."""
-        alpha_bar = self.on("alpha_bar", x_t.device)[t].to(x_t.dtype)
-        alpha_bar = alpha_bar.view(-1, *[1] * (x_t.dim() - 1))
+        alpha_bar = self._at(self.alpha_bar, t, x_t)
         return (x_t - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
-    def prior(self, shape: tuple[int, ...], *, device: torch.device | str = "cpu",
+    def prior(self, shape: tuple[int, ...], *,
               generator: torch.Generator | None = None) -> torch.Tensor:
         """x_T drawn from the forward marginal with x0 = 0: sqrt(1 - alpha_bar_T) eps_T.
 
         For DDGM this is the centred Gamma(k_bar_T, theta_T) start of Algorithm 2; for DDPM it is
         N(0, (1 - alpha_bar_T) I), within 3e-5 of Ho's N(0, I) for the default schedule.
         """
-        t = torch.full((shape[0],), self.n_T, dtype=torch.long, device=device)
+        t = torch.full((shape[0],), self.n_T, dtype=torch.long, device=self.device)
         scale = float((1.0 - self.alpha_bar[self.n_T]).sqrt())
-        return scale * self.noise(t, shape, device=device, generator=generator)
+        return scale * self.noise(t, shape, generator=generator)
 
     def config(self) -> dict:
-        """Plain values that rebuild this process with ``make_process``."""
-        return {"process": self.name, "betas": list(self.beta_range), "n_T": self.n_T}
+        """Plain values that rebuild this process with ``make_process``: a params.yaml model
+        section."""
+        return {"noise": self.name, "betas": list(self.beta_range), "n_T": self.n_T}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.config().items())
 
 
 class GaussianProcess(NoiseProcess):
@@ -141,8 +152,8 @@ class GaussianProcess(NoiseProcess):
 
     name = "gaussian"
 
-    def noise(self, t, shape, *, device="cpu", generator=None):
-        return torch.randn(shape, device=device, generator=generator)
+    def noise(self, t, shape, *, generator=None):
+        return torch.randn(shape, device=t.device, generator=generator)
 
 
 class GammaProcess(NoiseProcess):
@@ -154,8 +165,9 @@ class GammaProcess(NoiseProcess):
         self.theta_0 = float(theta_0)
         super().__init__(betas, n_T)
         # DDGM section 3: k_t = beta_t / (alpha_bar_t theta_0^2), theta_t = sqrt(alpha_bar_t) theta_0.
-        self.k_bar = self._k_bar_per_unit_theta() / self.theta_0 ** 2  # k_bar_0 = 0: no noise at t = 0
-        self.theta = self.alpha_bar.sqrt() * self.theta_0
+        k_bar = self._k_bar_per_unit_theta() / self.theta_0 ** 2  # k_bar_0 = 0: no noise at t = 0
+        self.register_buffer("k_bar", k_bar, persistent=False)
+        self.register_buffer("theta", self.alpha_bar.sqrt() * self.theta_0, persistent=False)
 
     def _k_bar_per_unit_theta(self) -> torch.Tensor:
         """k_bar_t for theta_0 = 1; k_bar_t scales as 1 / theta_0^2."""
@@ -177,12 +189,12 @@ class GammaProcess(NoiseProcess):
                 f"the Gamma shapes k_bar_t = k_bar_t(theta_0 = 1) / theta_0^2 must lie within "
                 f"[{MIN_GAMMA_SHAPE:g}, {MAX_GAMMA_SHAPE:g}] for the noise to be drawn exactly")
 
-    def noise(self, t, shape, *, device="cpu", generator=None):
+    def noise(self, t, shape, *, generator=None):
         # k_bar_T reaches ~2.5e10 for theta_0 = 1e-3: in float32 the mean subtraction G - k_bar
         # would quantise eps to steps of ~0.015 std. In float64 the draw and the subtraction keep
-        # ~1e-11 resolution, so eps is exact for float32 use. Drawn on the target device: no
-        # host round trip.
-        k_bar = self.on("k_bar", device)[t].view(-1, *[1] * (len(shape) - 1)).expand(shape)
+        # ~1e-11 resolution, so eps is exact for float32 use. Drawn on t's device: no host
+        # round trip.
+        k_bar = self.k_bar[t].double().view(-1, *[1] * (len(shape) - 1)).expand(shape)
         k_bar = torch.where(k_bar > 0, k_bar, torch.ones_like(k_bar))  # t = 0 has no noise
         gamma = torch._standard_gamma(k_bar.contiguous(), generator=generator)
         return ((gamma - k_bar) / k_bar.sqrt()).to(torch.float32)
@@ -191,20 +203,16 @@ class GammaProcess(NoiseProcess):
         return {**super().config(), "theta_0": self.theta_0}
 
 
+NOISES = ("gaussian", "gamma")  # the noise laws a params.yaml model section can name
+
+
 def make_process(config: dict) -> NoiseProcess:
-    """Build a process from ``NoiseProcess.config()`` output."""
-    kind = config["process"]
+    """Build a process from a params.yaml model section or ``NoiseProcess.config()`` output:
+    ``{"noise": "gaussian" | "gamma", "betas": [beta_1, beta_T], "n_T": ..., "theta_0": ...}``
+    (``theta_0`` for Gamma noise only)."""
+    kind = config.get("noise")
     if kind == "gaussian":
         return GaussianProcess(tuple(config["betas"]), config["n_T"])
     if kind == "gamma":
         return GammaProcess(tuple(config["betas"]), config["n_T"], config["theta_0"])
-    raise ValueError(f"unknown noise process {kind!r}: allowed are 'gaussian', 'gamma'")
-
-
-def process_for_model(model: str, section: dict) -> NoiseProcess:
-    """The process of a model name (``ddpm`` or ``ddgm``) from its params.yaml section."""
-    if model == "ddpm":
-        return GaussianProcess(tuple(section["betas"]), section["n_T"])
-    if model == "ddgm":
-        return GammaProcess(tuple(section["betas"]), section["n_T"], section["theta_0"])
-    raise ValueError(f"unknown model {model!r}: allowed are 'ddpm', 'ddgm'")
+    raise ValueError(f"unknown noise {kind!r}: allowed are {', '.join(map(repr, NOISES))}")

@@ -83,8 +83,9 @@ def plan(process: NoiseProcess, steps: int, sampler: str = "ancestral", eta: flo
     taus = timestep_sequence(process.n_T, steps)
     current = torch.tensor(taus[::-1])
     previous = torch.tensor(([0] + taus[:-1])[::-1])
-    ab_t = process.alpha_bar[current]
-    ab_prev = process.alpha_bar[previous]
+    alpha_bar = process.alpha_bar.cpu()
+    ab_t = alpha_bar[current]
+    ab_prev = alpha_bar[previous]
     if sampler == "ancestral":
         beta = 1.0 - ab_t / ab_prev
         alpha = 1.0 - beta
@@ -110,10 +111,12 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
 
     ``x_T`` fixes the starting noise (else drawn from ``process.prior``); ``callback(t, x)`` sees the
     state after each update (t = the timestep reached), e.g. to record a reverse trajectory.
+    ``process`` is moved to ``device`` (``nn.Module.to``) if it is elsewhere.
     ``precision`` is the network's arithmetic (see ``diffusion.network.resolve_precision``);
     ``clip_x0`` clips each step's x0 estimate to [-1, 1] (see the module doc).
     """
     device = torch.device(device)
+    process.to(device)
     run = plan(process, steps or process.n_T, sampler, eta)
     p, q = run.x0_form()
     a, b, c, p, q, sqrt_ab, s = (coef.to(device=device, dtype=torch.float32)
@@ -126,7 +129,7 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
         size = min(batch_size, n - start)
         shape = (size, 1, 28, 28)
         x = (x_T[start:start + size].to(device) if x_T is not None
-             else process.prior(shape, device=device, generator=generator))
+             else process.prior(shape, generator=generator))
         for i, (t, t_prev) in enumerate(zip(run.timesteps, run.previous)):
             t_batch = torch.full((size,), t, device=device, dtype=torch.long)
             with autocast(device, precision):  # x, a, b, c and the noise stay float32
@@ -138,7 +141,7 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
                 x = a[i] * x + b[i] * eps
             if t_prev > 0 and run.c[i] != 0:
                 prev_batch = torch.full((size,), t_prev, device=device, dtype=torch.long)
-                x = x + c[i] * process.noise(prev_batch, shape, device=device, generator=generator)
+                x = x + c[i] * process.noise(prev_batch, shape, generator=generator)
             if callback is not None:
                 callback(t_prev, x)
         chunks.append(x)

@@ -22,38 +22,51 @@ DistributedDataParallel, ``batch_size`` is per process, each process trains on i
 shared permutation, the epoch loss is summed over processes once per epoch, and rank 0 alone
 computes the held-out loss and runs the callbacks.
 
-State for resuming (weights, EMA, optimiser, generators, log) can be saved after each epoch and
-loaded to continue exactly where a killed run stopped.
+``TrainLoop`` wraps ``train`` with what a run needs around it (as improved-diffusion's
+``TrainLoop``): after each epoch it writes the log and, every few epochs, a sample grid from fixed
+noise, then the resume state (weights, EMA, optimiser, generators, log, grids) through a
+``Checkpoint``, from which a killed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import glob
 import hashlib
+import io
+import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from diffusion import distributed
-from diffusion.data import to_model_range
+from diffusion.data import save_grid, to_model_range, to_uint8
+from diffusion.io import ModelFileError, atomic_path, load_torch, save_torch
 from diffusion.network import autocast
 from diffusion.process import NoiseProcess
+from diffusion.sampling import sample
 
 
 @dataclass
 class TrainConfig:
+    """params.yaml's ``train`` section, with the run's seed and precision."""
+
     epochs: int = 100
     batch_size: int = 128
     lr: float = 2e-4
     ema_decay: float = 0.999
+    grid_every: int = 10      # TrainLoop: a sample grid every N epochs, and after the last
+    grid_size: int = 16       # TrainLoop: digits per grid
     holdout_subset: int = 0   # test images for the held-out loss; 0 = all
-    seed: int = 42
     compile: bool = False
+    seed: int = 42
     precision: str = "auto"   # "auto" (bf16 where the device has it natively) | "bf16" | "fp32"
 
 
@@ -143,6 +156,7 @@ def heldout_loss(net: nn.Module, process: NoiseProcess, images: torch.Tensor, *,
     The same t and eps every call, so values from successive epochs are comparable.
     """
     device = images.device
+    process.to(device)
     generator = torch.Generator(device).manual_seed(seed)
     was_training = net.training
     net.eval()
@@ -150,7 +164,7 @@ def heldout_loss(net: nn.Module, process: NoiseProcess, images: torch.Tensor, *,
     for start in range(0, images.shape[0], batch_size):
         x0 = to_model_range(images[start:start + batch_size])
         t = torch.randint(1, process.n_T + 1, (x0.shape[0],), device=device, generator=generator)
-        eps = process.noise(t, x0.shape, device=device, generator=generator)
+        eps = process.noise(t, x0.shape, generator=generator)
         total += denoising_loss(net, process, x0, t, eps, precision) * x0.shape[0]
     net.train(was_training)
     return total.item() / images.shape[0]
@@ -181,6 +195,7 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
     callbacks then run on rank 0 only, and the others wait for them.
     """
     device = train_images.device
+    process.to(device)
     n = train_images.shape[0]
     world = distributed.world()
     # Each process takes every world_size-th index of the shared permutation; wrapping around
@@ -212,7 +227,7 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
             x0 = to_model_range(train_images[index])
             t = torch.randint(1, process.n_T + 1, (x0.shape[0],), device=device,
                               generator=generator)
-            eps = process.noise(t, x0.shape, device=device, generator=generator)
+            eps = process.noise(t, x0.shape, generator=generator)
             loss = denoising_loss(model, process, x0, t, eps, config.precision)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -255,3 +270,134 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
         distributed.barrier()  # the other processes wait for rank 0's outputs
     return state
 
+
+
+# --- a whole run: per-epoch outputs and resume -----------------------------------------------
+GRID_SEED_OFFSET = 2  # the grids' fixed noise comes from seed + 2 (seed + 1 is the held-out noise)
+
+
+def write_log(records: list[EpochRecord], path: Path) -> None:
+    """The per-epoch records as CSV (one column per ``EpochRecord`` field), atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    names = [f.name for f in fields(EpochRecord)]
+    writer.writerow(names)
+    for record in records:
+        row = asdict(record)
+        writer.writerow([f"{row[n]:.6g}" if isinstance(row[n], float) else row[n] for n in names])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+class Checkpoint:
+    """The resume state of a training run: one file, written atomically after every epoch.
+
+    ``Checkpoint.keyed`` names the file after a digest of the run's params and of its input
+    files, so a state is resumed only by a run of the same params on the same data. States of
+    other params are left beside it (``others``): they resume if those params come back.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.name = self.path.stem.rsplit("-", 1)[0]
+
+    @classmethod
+    def keyed(cls, folder: Path | str, name: str, key: dict, files: Iterable[Path]) -> Checkpoint:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+        for path in sorted(files):
+            digest.update(path.name.encode())
+            digest.update(hashlib.md5(path.read_bytes()).digest())
+        return cls(Path(folder) / f"{name}-{digest.hexdigest()[:16]}.pt")
+
+    def load(self, device: torch.device | str = "cpu",
+             warn: Callable[[str], None] = print) -> dict:
+        """The saved state, or {} when there is none or it is unusable (said through ``warn``;
+        training then starts over)."""
+        if not self.path.exists():
+            return {}
+        try:
+            return load_torch(self.path, map_location=device, expect=("epoch", "net", "ema"),
+                              kind="resume state")
+        except ModelFileError as error:
+            warn(f"{self.name} ignores its resume state: {error}")
+            return {}
+
+    def saved_epoch(self) -> int:
+        """The last epoch whose state is saved (0 if none)."""
+        return self.load(warn=lambda message: None).get("epoch", 0)
+
+    def save(self, state: TrainState, **extra) -> None:
+        save_torch({**state.state_dict(), **extra}, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def others(self) -> list[Path]:
+        """Resume states of the same name for other params or data."""
+        return sorted(path for path in self.path.parent.glob(f"{glob.escape(self.name)}-*.pt")
+                      if path != self.path)
+
+
+class TrainLoop:
+    """A training run with its outputs: ``log.csv`` after every epoch and
+    ``grids/epoch_NNN.png`` every ``config.grid_every`` epochs and after the last, both in
+    ``out_dir``, then the resume state in ``checkpoint``.
+
+    A run that finds a resume state continues from it and first rewrites the log and grids of
+    the epochs already done (DVC removes a stage's outputs before running it again). The grids
+    are drawn from the same fixed noise every time, so successive grids are comparable.
+    ``extra`` holds the caller's values saved with the state (the stage keeps its MLflow run id
+    there). Under torchrun only rank 0 writes files.
+    """
+
+    def __init__(self, net: nn.Module, process: NoiseProcess, config: TrainConfig,
+                 device: torch.device, out_dir: Path | str, *, checkpoint: Checkpoint | None = None,
+                 warn: Callable[[str], None] = print) -> None:
+        self.process, self.config, self.device = process.to(device), config, device
+        self.out_dir, self.checkpoint = Path(out_dir), checkpoint
+        self.state = make_state(net, config, device)
+        saved = checkpoint.load(device, warn) if checkpoint is not None else {}
+        self.resumed = bool(saved)
+        if saved:
+            self.state.load_state_dict(saved)
+        self.grids: dict[int, torch.Tensor] = {int(k): v for k, v in saved.get("grids", {}).items()}
+        self.extra: dict = dict(saved.get("extra", {}))
+        generator = torch.Generator(device).manual_seed(config.seed + GRID_SEED_OFFSET)
+        self.grid_noise = process.prior((config.grid_size, 1, 28, 28), generator=generator)
+
+    def grid_path(self, epoch: int) -> Path:
+        return self.out_dir / "grids" / f"epoch_{epoch:03d}.png"
+
+    def sample_grid(self) -> torch.Tensor:
+        """The EMA weights' digits from the fixed grid noise, uint8 on the CPU."""
+        generator = torch.Generator(self.device).manual_seed(self.config.seed + GRID_SEED_OFFSET + 1)
+        x = sample(self.state.ema, self.process, self.grid_noise.shape[0], device=self.device,
+                   generator=generator, x_T=self.grid_noise, precision=self.config.precision)
+        return to_uint8(x).cpu()
+
+    def run(self, train_images: torch.Tensor, test_images: torch.Tensor, *,
+            on_epoch: Callable[[EpochRecord, Path | None], None] | None = None) -> TrainState:
+        """Train to ``config.epochs``; ``on_epoch(record, grid file or None)`` runs after each
+        epoch's files are written and before its state is saved."""
+        if distributed.world().is_main:
+            for epoch, images in self.grids.items():
+                save_grid(images, self.grid_path(epoch))
+            write_log(self.state.log, self.out_dir / "log.csv")
+
+        def epoch_done(state: TrainState, record: EpochRecord) -> None:
+            write_log(state.log, self.out_dir / "log.csv")
+            grid = None
+            if record.epoch % self.config.grid_every == 0 or record.epoch == self.config.epochs:
+                self.grids[record.epoch] = self.sample_grid()
+                grid = self.grid_path(record.epoch)
+                save_grid(self.grids[record.epoch], grid)
+            if on_epoch is not None:
+                on_epoch(record, grid)
+
+        def save_state(state: TrainState) -> None:
+            if self.checkpoint is not None:
+                self.checkpoint.save(state, extra=self.extra,
+                                     grids={str(k): v for k, v in self.grids.items()})
+
+        return train(self.state, self.process, train_images, test_images, self.config,
+                     on_epoch=epoch_done, on_checkpoint=save_state)

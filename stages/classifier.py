@@ -12,9 +12,8 @@ from pathlib import Path
 from diffusion.classifier import evaluate_accuracy, save_classifier, train_classifier
 from diffusion.io import save_json
 from diffusion.model import default_device
-from stages.common import fail, mnist_on, plain, stage_main
+from stages.common import mnist_on, open_run, plain, stage_main
 from stages.params import load_params_or_exit
-from stages.tracking import Run, TrackingUnavailableError
 
 
 @stage_main
@@ -22,10 +21,7 @@ def main() -> None:
     stage = "classifier"
     params = plain(load_params_or_exit(stage))
     settings = params["classifier"]
-    try:
-        run = Run(stage, "classifier")
-    except TrackingUnavailableError as error:
-        fail(str(error))
+    run = open_run(stage, "classifier")
     run.log_params({"seed": params["seed"], "classifier": settings})
     device = default_device()
     train_images, train_labels = mnist_on(device, train=True)

@@ -16,20 +16,45 @@ import numpy as np
 import torch
 
 from diffusion.io import ModelFileError, SamplesFileError, load_samples
-from diffusion.mnist import load_mnist
-from stages.tracking import finish_open_runs
+from diffusion.mnist import load_mnist, random_subset
+from stages.tracking import Run, TrackingUnavailableError, finish_open_runs
 
 Loaded = TypeVar("Loaded")
 
 RAW_DIR = Path("data/MNIST/raw")
-MODELS = ("ddpm", "ddgm")
 
 
 def model_argument(stage: str) -> str:
-    """Parse the one positional argument of a per-model stage: ddpm or ddgm."""
+    """Parse the one positional argument of a per-model stage: a name of params.yaml's
+    ``models`` (checked when the stage loads its params: dvc.yaml declares its section)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
-    parser.add_argument("model", choices=MODELS, help="which model's branch of the pipeline")
+    parser.add_argument("model", help="which model's branch of the pipeline (params.yaml: models)")
     return parser.parse_args().model
+
+
+def open_run(stage: str, model: str | None = None, **kwargs) -> Run:
+    """The stage's MLflow run (``stages.tracking.Run``), or one line and exit 1 when the store
+    cannot be opened."""
+    try:
+        return Run(stage, model, **kwargs)
+    except TrackingUnavailableError as error:
+        fail(str(error))
+
+
+class Silent:
+    """Stands in for the MLflow run and the progress bar on ranks other than 0: does nothing."""
+
+    run_id = experiment_id = None
+
+    def log_params(self, *args, **kwargs) -> None:
+        pass
+
+    log_metrics = log_artifact = finish = epoch_done = close = log_params
+
+
+def warn(message: str) -> None:
+    """``warning: <message>`` on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def plain(params: dict) -> dict:
@@ -103,16 +128,8 @@ def mnist_on(device: torch.device, train: bool, subset: int = 0) -> tuple[torch.
 
 
 def mnist_reference(device: torch.device, train: bool, n: int, seed: int) -> torch.Tensor:
-    """``n`` MNIST images (uint8, on ``device``) drawn at random without replacement.
-
-    Metrics compare samples against a random subset rather than the first N: the MNIST files
-    are not shuffled (the first 5000 test digits come from other writers than the last 5000),
-    so a leading slice is a biased reference.
-    """
-    images, _ = load_mnist(RAW_DIR, train=train)
-    if n < images.shape[0]:
-        images = images[torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]]
-    return images.to(device)
+    """``n`` MNIST images (uint8, on ``device``) drawn at random (``diffusion.mnist.random_subset``)."""
+    return random_subset(load_mnist(RAW_DIR, train=train)[0], n, seed).to(device)
 
 
 class EpochProgress:

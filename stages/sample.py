@@ -16,9 +16,8 @@ from diffusion.io import atomic_path
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from diffusion.sampling import steps_within
-from stages.common import fail, load_or_exit, model_argument, parent_run_id, plain, stage_main
+from stages.common import load_or_exit, model_argument, open_run, parent_run_id, plain, stage_main
 from stages.params import load_params_or_exit
-from stages.tracking import Run, TrackingUnavailableError
 
 GRID_IMAGES = 64
 
@@ -37,10 +36,7 @@ def main() -> None:
     if steps < settings["steps"]:
         print(f"{stage}: sample.steps = {settings['steps']} is more than this model's n_T = "
               f"{model.process.n_T}; sampling with all {steps} steps")
-    try:
-        run = Run(stage, model_name, parent_run_id=parent)
-    except TrackingUnavailableError as error:
-        fail(str(error))
+    run = open_run(stage, model_name, parent_run_id=parent)
     run.log_params({"seed": params["seed"], "sample": settings, "precision": params["precision"],
                     "precision_resolved": precision})
 

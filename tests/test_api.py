@@ -97,14 +97,13 @@ def test_corrupt_and_denoise(model_file: Path):
         model.corrupt(x0, -1)
 
 
-def test_pickles_without_device_caches(model_file: Path, tmp_path: Path):
+def test_pickles_whole_and_the_process_moves_with_the_model(model_file: Path, tmp_path: Path):
     model = diffusion.load(model_file, device="cpu")
-    model.denoise(model.corrupt(torch.zeros(2, 1, 28, 28), 3), 3)  # fills the device-copy cache
-    assert model.process._device_copies
+    assert model.process.device == model.device  # the schedules are buffers of the module
     torch.save(model, tmp_path / "whole.pt")
     copy = torch.load(tmp_path / "whole.pt", weights_only=False)
-    assert not copy.process._device_copies
     assert torch.equal(copy.sample(4, steps=5, seed=3), model.sample(4, steps=5, seed=3))
+    assert {name for name, _ in copy.named_buffers()} >= {"process.alpha_bar", "process.beta"}
 
 
 LOAD_IN_FRESH_INTERPRETER = textwrap.dedent("""
@@ -119,6 +118,7 @@ LOAD_IN_FRESH_INTERPRETER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # loads in a fresh interpreter
 def test_mlflow_pytorch_round_trip(tmp_path: Path, monkeypatch):
     """The train stage's MLflow model loads in a fresh interpreter and samples identically."""
     from stages.tracking import Run

@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO, write_synthetic_mnist
+import pytest
+
+from tests.helpers import REPO, write_synthetic_mnist
 
 
+@pytest.mark.slow  # a subprocess run
 def test_benchmark_writes_json_with_positive_figures(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     write_synthetic_mnist(raw)
@@ -35,6 +38,7 @@ def test_benchmark_writes_json_with_positive_figures(tmp_path):
         assert len(row["runs"]["ours"]) == len(row["runs"]["reference"]) == 1
 
 
+@pytest.mark.slow  # a subprocess run
 def test_benchmark_refuses_more_steps_than_images(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     write_synthetic_mnist(raw, n_train=32)

@@ -116,6 +116,7 @@ def test_cuda_training_and_embedding() -> None:
     assert 0.0 <= evaluate_accuracy(model, images, labels) <= 1.0
 
 
+@pytest.mark.slow  # trains the default classifier
 def test_default_classifier_reaches_99_percent(
     trained_classifier: MnistClassifier, mnist_raw_dir: Path
 ) -> None:

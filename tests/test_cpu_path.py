@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import estimate, quick
+from tools import estimate, quick
 from stages.params import ParamsError, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,17 +47,18 @@ def test_bad_overrides_are_refused_in_one_line(overrides, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+@pytest.mark.slow  # subprocess runs
 def test_quick_dry_run_prints_the_experiment_command(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     (tmp_path / "mine.yaml").write_text("train.epochs: 2\nsweep.steps: [10, 20]\n")
-    result = subprocess.run([sys.executable, "-m", "stages.quick", "mine.yaml", "--dry"],
+    result = subprocess.run([sys.executable, "-m", "tools.quick", "mine.yaml", "--dry"],
                             cwd=tmp_path, capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("dvc exp run -n mine-")
     assert result.stdout.rstrip().endswith("-S train.epochs=2 -S sweep.steps=[10,20]")
     (tmp_path / "mine.yaml").write_text("train.epochs: -2\n")
-    result = subprocess.run([sys.executable, "-m", "stages.quick", "mine.yaml", "--dry"],
+    result = subprocess.run([sys.executable, "-m", "tools.quick", "mine.yaml", "--dry"],
                             cwd=tmp_path, capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert result.returncode == 2 and result.stdout == ""
@@ -75,11 +76,12 @@ def test_estimate_counts_the_work_the_params_ask_for():
     assert estimate.work(small)["sweep"] == (0, 2 * 2 * 2000 * (10 + 20 + 50))
 
 
+@pytest.mark.slow  # a subprocess run
 def test_estimate_measures_and_prints_one_total(tmp_path):
     params = shipped_params()
     params["train"]["batch_size"] = params["sample"]["batch_size"] = 16
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "stages.estimate", "--no-wait"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "tools.estimate", "--no-wait"], cwd=tmp_path,
                             capture_output=True, text=True, env={"PYTHONPATH": str(REPO)},
                             timeout=300)
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from diffusion import distributed
-from tests.conftest import REPO, make_scratch_repo, stage_env
+from tests.helpers import REPO, make_scratch_repo, stage_env
+
+pytestmark = pytest.mark.slow  # two-process DDP runs
 
 # Calls diffusion.training.train directly under torchrun; each rank dumps what it ended with.
 TRAIN_SCRIPT = textwrap.dedent('''

@@ -63,8 +63,9 @@ def import_closure(module: str, root: Path = REPO) -> set[str]:
 def stages_with_deps(dvc: dict) -> dict[str, tuple[str, list[str]]]:
     """stage name -> (module its cmd runs, its deps), foreach stages expanded."""
     out = {}
+    models = yaml.safe_load((REPO / "params.yaml").read_text())["models"]
     for name, spec in dvc["stages"].items():
-        items = spec.get("foreach")
+        items = models if spec.get("foreach") == "${models}" else spec.get("foreach")
         body = spec["do"] if items is not None else spec
         for item in items if items is not None else [None]:
             fill = (lambda text: text.replace("${item}", str(item))) if item else (lambda text: text)

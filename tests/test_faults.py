@@ -35,7 +35,9 @@ import torch
 import yaml
 
 from diffusion.io import UnsafeModelFileError, atomic_path, load_torch, save_json, save_text, save_torch
-from tests.conftest import REPO, make_scratch_repo, merge, stage_env
+from tests.helpers import REPO, make_scratch_repo, merge, stage_env
+
+pytestmark = pytest.mark.slow  # stages run in subprocesses and scratch repos
 
 # On top of conftest.TINY_PARAMS (256 images, n_T 10, a grid every epoch): three epochs.
 FAULT_PARAMS = {"train": {"epochs": 3}}
@@ -247,7 +249,10 @@ def test_sigkilled_training_resumes_to_the_same_model_and_log(killed, reference)
 
 
 def test_resume_state_is_keyed_by_params_and_data(tmp_path, monkeypatch):
-    from stages.train import resume_path
+    from stages.train import checkpoint_for
+
+    def resume_path(stage: str, params: dict) -> Path:
+        return checkpoint_for(stage, params).path
 
     root = scratch(tmp_path / "repo")
     monkeypatch.chdir(root)
@@ -326,8 +331,8 @@ def test_output_writer_failing_mid_write_keeps_old_file_and_no_temp(tmp_path, mo
     from diffusion.classifier import MnistClassifier, save_classifier
     from diffusion.model import save_model
     from diffusion.network import DenoiserCNN
-    from diffusion.process import process_for_model
-    from stages.train import write_log
+    from diffusion.process import make_process
+    from diffusion.training import write_log
 
     path = tmp_path / "out"
     path.write_bytes(b"whole old file")
@@ -336,8 +341,8 @@ def test_output_writer_failing_mid_write_keeps_old_file_and_no_temp(tmp_path, mo
         "save_torch": lambda: save_torch({"x": torch.ones(3)}, path),
         "save_json": lambda: save_json({"x": 1}, path),
         "save_text": lambda: save_text("x", path),
-        "save_model": lambda: save_model(path, net, net, process_for_model(
-            "ddpm", {"betas": [1e-4, 0.02], "n_T": 10}), {"net": {"hidden": [4, 4], "activation": "gelu"}}),
+        "save_model": lambda: save_model(path, net, net, make_process(
+            {"noise": "gaussian", "betas": [1e-4, 0.02], "n_T": 10}), {"net": {"hidden": [4, 4], "activation": "gelu"}}),
         "save_classifier": lambda: save_classifier(MnistClassifier(), path),
         "save_grid": lambda: diffusion.data.save_grid(torch.zeros(4, 28, 28, dtype=torch.uint8), path),
         "write_log": lambda: write_log([], path),
@@ -457,7 +462,7 @@ def test_nonfinite_loss_in_epoch_2_keeps_epoch_1_resume_state(tmp_path, monkeypa
 # ---------------------------------------------------------------- data verified
 def test_download_stage_refetches_corrupted_and_truncated_mnist(tmp_path, monkeypatch, capsys,
                                                                 mnist_raw_dir):
-    from diffusion import mnist
+    from stages import mnist_sources as mnist
 
     root = scratch(tmp_path / "repo", {"data": {"local_dir": str(mnist_raw_dir)}},
                    mnist_dir=mnist_raw_dir)

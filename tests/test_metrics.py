@@ -288,6 +288,7 @@ def test_quality_metrics_kid_subsets_are_at_most_half_the_smaller_set() -> None:
 # ------------------------------ real MNIST features -------------------------------------
 
 
+@pytest.mark.slow  # uses the trained classifier
 def test_fid_rises_monotonically_with_noise(trained_classifier: MnistClassifier, mnist_raw_dir: Path) -> None:
     train_images, _ = load_mnist(mnist_raw_dir, train=True)
     test_images, _ = load_mnist(mnist_raw_dir, train=False)
@@ -301,6 +302,7 @@ def test_fid_rises_monotonically_with_noise(trained_classifier: MnistClassifier,
     assert all(lower < higher for lower, higher in zip(fids, fids[1:])), fids
 
 
+@pytest.mark.slow  # uses the trained classifier
 def test_inception_score_of_real_test_set_is_high(
     trained_classifier: MnistClassifier, mnist_raw_dir: Path
 ) -> None:

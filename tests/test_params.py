@@ -43,7 +43,8 @@ def dvc_stages():
     """Stage names as `dvc stage list` prints them, expanding foreach (independently of the module)."""
     names = []
     for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
-        names += [f"{name}@{item}" for item in spec["foreach"]] if "foreach" in spec else [name]
+        items = SHIPPED["models"] if spec.get("foreach") == "${models}" else spec.get("foreach")
+        names += [f"{name}@{item}" for item in items] if "foreach" in spec else [name]
     return names
 
 
@@ -269,3 +270,41 @@ def test_cli_bad_file_exits_2_with_one_line(project):
     result = run_cli(project)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "train.lr = -1 is not allowed" in result.stderr
+
+
+# ---------------------------------------------------------------- the models list
+def test_models_are_listed_once_and_each_section_names_its_noise():
+    out = validate(SHIPPED)
+    assert out["models"] == ["ddpm", "ddgm"]
+    assert out["ddpm"]["noise"] == "gaussian" and "theta_0" not in out["ddpm"]
+    assert out["ddgm"]["noise"] == "gamma" and out["ddgm"]["theta_0"] == 0.001
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["ddpm"].update(noise="laplace"),
+     "ddpm.noise = 'laplace' is not allowed: must be one of gaussian, gamma"),
+    (lambda p: p["ddgm"].pop("noise"), "missing key ddgm.noise"),
+    (lambda p: p["ddpm"].update(theta_0=0.001),
+     "unknown key ddpm.theta_0 (theta_0 is a key of gamma noise; ddpm has noise: gaussian)"),
+    (lambda p: p.update(models=["ddpm", "ddgm", "small"]), "missing key small"),
+    (lambda p: p.pop("models"), "missing key models"),
+    (lambda p: p.update(models=["ddpm", "ddpm"]), "models = ['ddpm', 'ddpm'] is not allowed"),
+    (lambda p: p.update(models=["ddpm", "train"]), "models = ['ddpm', 'train'] is not allowed"),
+    (lambda p: p.update(models=[]), "models = [] is not allowed: must be a non-empty list"),
+    (lambda p: p.update(models=["DDPM"]), "models = ['DDPM'] is not allowed"),
+])
+def test_bad_models_list_or_noise_is_one_line(edit, message):
+    params = copy.deepcopy(SHIPPED)
+    edit(params)
+    assert message in error_of(params)
+
+
+def test_a_model_added_to_the_list_gets_its_own_stages(project):
+    """Models are stated once, in params.yaml: dvc.yaml's foreach makes their stages."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["models"].append("ddgm_wide")
+    params["ddgm_wide"] = {**params["ddgm"], "theta_0": 0.01}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    loaded = load_params("train@ddgm_wide", project)
+    assert loaded["ddgm_wide"]["theta_0"] == 0.01 and "ddgm" not in loaded
+    assert load_params("sweep", project)["models"] == ["ddpm", "ddgm", "ddgm_wide"]

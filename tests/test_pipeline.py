@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, make_scratch_repo, stage_env
+from tests.helpers import TINY_PARAMS, make_scratch_repo, stage_env
 
 STAGES = ["download", "classifier", "train@ddpm", "train@ddgm", "sample@ddpm", "sample@ddgm",
           "evaluate@ddpm", "evaluate@ddgm", "sweep", "plot"]
+
+pytestmark = pytest.mark.slow  # real `dvc repro` runs
 
 
 def dvc(root: Path, *args: str) -> str:

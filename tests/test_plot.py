@@ -11,14 +11,16 @@ import torch
 import yaml
 from PIL import Image
 
+from diffusion import report
 from diffusion.classifier import MnistClassifier, save_classifier
 from diffusion.data import to_uint8
+from diffusion.evaluation import degradation, reverse_trajectory
 from diffusion.metrics import quality_metrics
 from diffusion.model import load, save_model
 from diffusion.network import DenoiserCNN
 from diffusion.process import GammaProcess, GaussianProcess
 from stages import plot
-from tests.conftest import REPO, TINY_PARAMS, merge, write_synthetic_mnist
+from tests.helpers import REPO, TINY_PARAMS, merge, write_synthetic_mnist
 
 N_T = 10
 FIGURES = ("loss_curves.png", "samples.png", "degradation.png", "trajectories.png",
@@ -110,7 +112,7 @@ def test_degradation_rows_start_clean_and_end_as_unit_variance_noise():
                  "ddgm": GammaProcess((1e-4, 0.02), 1000, theta_0=0.001)}
     x0 = torch.rand(16, 1, 28, 28) * 2 - 1
     t_show = {name: [0, 1, 1000] for name in processes}
-    rows = plot.degradation_rows(processes, x0, t_show, seed=3)
+    rows = degradation(processes, x0, t_show, seed=3)
     for name, process in processes.items():
         assert rows[name].shape == (16, 3, 28, 28)
         assert torch.equal(rows[name][:, 0], x0[:, 0])
@@ -122,7 +124,7 @@ def test_degradation_rows_start_clean_and_end_as_unit_variance_noise():
         skew = float(((eps - eps.mean()) ** 3).mean() / eps.std() ** 3)
         # Gamma(k_bar_1 = 100) noise has skewness 2 / sqrt(100) = 0.2; Gaussian noise has 0.
         assert (skew > 0.12) if name == "ddgm" else (abs(skew) < 0.08), (name, skew)
-    again = plot.degradation_rows(processes, x0, t_show, seed=3)
+    again = degradation(processes, x0, t_show, seed=3)
     assert all(torch.equal(rows[n], again[n]) for n in processes)
     assert not torch.equal(rows["ddpm"][:, 1], rows["ddgm"][:, 1])
 
@@ -130,7 +132,7 @@ def test_degradation_rows_start_clean_and_end_as_unit_variance_noise():
 def test_reverse_trajectory_is_the_sampler_run_of_the_same_seed(workdir):
     make_inputs(workdir)
     model = load(workdir / "models/ddgm/model.pt", device="cpu")
-    steps, frames = plot.reverse_trajectory(model, n=3, points=4, seed=7)
+    steps, frames = reverse_trajectory(model, n=3, points=4, seed=7)
     assert steps == [10, 7, 3, 0]
     assert frames.shape == (3, 4, 28, 28)
     assert torch.equal(to_uint8(frames[:, -1].unsqueeze(1)), model.sample(3, seed=7))
@@ -138,7 +140,8 @@ def test_reverse_trajectory_is_the_sampler_run_of_the_same_seed(workdir):
 
 def test_quality_bars_are_each_models_metrics_then_the_real_floor():
     metrics = {"ddpm": fake_metrics(1), "ddgm": fake_metrics(2)}
-    series = plot.quality_series(metrics, ["precision", "recall"], " (TV {class_tv:.3f})")
+    labels = {"ddpm": report.model_label("ddpm", "gaussian"), "ddgm": report.model_label("ddgm", "gamma")}
+    series = report.quality_series(metrics, ["precision", "recall"], labels, " (TV {class_tv:.3f})")
     assert [label for label, _, _ in series] == [
         f"DDPM (Gaussian) (TV {metrics['ddpm']['quality']['class_tv']:.3f})",
         f"DDGM (Gamma) (TV {metrics['ddgm']['quality']['class_tv']:.3f})",
@@ -170,13 +173,13 @@ def test_memorisation_panel_finds_a_copied_training_image(workdir, monkeypatch):
     samples[1] = train_images[5]  # a sample that copies training digit 5
     np.save(samples_path, samples)
     drawn = {}
-    original = plot.plot_memorisation
+    original = plot.memorisation_figure
 
-    def capture(samples, train, neighbours, held_out):
+    def capture(samples, train, neighbours, held_out, rows):
         drawn.update(neighbours=neighbours, held_out=held_out)
-        original(samples, train, neighbours, held_out)
+        return original(samples, train, neighbours, held_out, rows)
 
-    monkeypatch.setattr(plot, "plot_memorisation", capture)
+    monkeypatch.setattr(plot, "memorisation_figure", capture)
     plot.main()
     distances, indices = drawn["neighbours"]["ddgm"]
     assert distances.shape == indices.shape == (20, plot.NEIGHBOURS)

@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from diffusion.process import (MAX_GAMMA_SHAPE, MIN_GAMMA_SHAPE, GammaProcess, GaussianProcess,
-                               ScheduleError, make_process, process_for_model)
+                               ScheduleError, make_process)
 
 N_DRAWS = 100_000
 
@@ -94,13 +94,33 @@ def test_predict_x0_inverts_q_sample():
     assert torch.allclose(process.predict_x0(process.q_sample(x0, t, eps), t, eps), x0, atol=1e-4)
 
 
-def test_config_round_trip_and_model_names():
-    for process in (process_for_model("ddpm", {"betas": [1e-4, 0.02], "n_T": 10}),
-                    process_for_model("ddgm", {"betas": [1e-4, 0.02], "n_T": 10, "theta_0": 0.01})):
+def test_config_round_trip_and_noise_names():
+    sections = [{"noise": "gaussian", "betas": [1e-4, 0.02], "n_T": 10},   # params.yaml sections
+                {"noise": "gamma", "betas": [1e-4, 0.02], "n_T": 10, "theta_0": 0.01}]
+    for section, kind in zip(sections, (GaussianProcess, GammaProcess)):
+        process = make_process(section)
+        assert type(process) is kind and process.config() == section
         rebuilt = make_process(process.config())
         assert type(rebuilt) is type(process) and rebuilt.config() == process.config()
-    with pytest.raises(ValueError, match="allowed are 'ddpm', 'ddgm'"):
-        process_for_model("vae", {})
+    with pytest.raises(ValueError, match="allowed are 'gaussian', 'gamma'"):
+        make_process({"noise": "vae"})
+
+
+@pytest.mark.parametrize("process", [GaussianProcess((1e-4, 0.02), 10),
+                                     GammaProcess((1e-4, 0.02), 10, 0.01)])
+def test_schedules_are_float64_buffers_that_follow_the_module(process, tmp_path):
+    """A process is an nn.Module: its schedules move with .to() and survive pickling, with no
+    cache of device copies beside them."""
+    names = {name for name, _ in process.named_buffers()}
+    assert {"beta", "alpha", "alpha_bar"} <= names
+    assert all(buffer.dtype == torch.float64 for buffer in process.buffers())
+    assert not process.state_dict()  # derived from the config, so not saved with the weights
+    torch.save(process, tmp_path / "process.pt")
+    copy = torch.load(tmp_path / "process.pt", weights_only=False)
+    assert copy.config() == process.config() and torch.equal(copy.alpha_bar, process.alpha_bar)
+    t = torch.tensor([1, 5, 10])
+    draw = lambda p: p.noise(t, (3, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draw(copy), draw(process))
 
 
 @pytest.mark.parametrize("end", ["smallest", "largest"])

@@ -28,8 +28,8 @@ class RecordedNoise(GaussianProcess):
         super().__init__(*args)
         self.draws = []
 
-    def noise(self, t, shape, *, device="cpu", generator=None):
-        z = super().noise(t, shape, device=device, generator=generator)
+    def noise(self, t, shape, *, generator=None):
+        z = super().noise(t, shape, generator=generator)
         self.draws.append((t.clone(), z.clone()))
         return z
 

@@ -18,13 +18,14 @@ import torch
 import yaml
 from PIL import Image
 
+from diffusion import report
 from diffusion.classifier import MnistClassifier, save_classifier
 from diffusion.io import save_json
 from diffusion.model import save_model
 from diffusion.network import DenoiserCNN
 from diffusion.process import GammaProcess, GaussianProcess
 from stages import sweep
-from tests.conftest import REPO, TINY_PARAMS, merge, write_synthetic_mnist
+from tests.helpers import REPO, TINY_PARAMS, merge, write_synthetic_mnist
 
 STEPS = [1, 3, 10]
 COLUMNS = ["ddpm_ancestral", "ddgm_ancestral", "ddpm_ddim", "ddgm_ddim"]
@@ -82,7 +83,7 @@ def swept(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------ table functions, hand data
-HAND: sweep.Table = {
+HAND: report.Table = {
     "ddpm_ancestral": {"10": {"fid": 12.5, "seconds": 1.0}, "100": {"fid": 3.25, "seconds": 9.0}},
     "ddgm_ddim": {"10": {"fid": 7.0, "seconds": 2.0}},  # 100 steps skipped
 }
@@ -91,35 +92,35 @@ HAND_ROWS = {"ddpm_ancestral": "Gaussian (ddpm), ancestral (DDPM)",
 
 
 def test_column_and_label_name_the_paper_rows():
-    assert sweep.column("ddgm", "ddim") == "ddgm_ddim"
-    assert sweep.label("ddgm", "ddim", 0.0) == "Gamma (ddgm), DDIM eta=0"
-    assert sweep.label("ddpm", "ancestral", 0.5) == "Gaussian (ddpm), ancestral (DDPM)"
+    assert report.column("ddgm", "ddim") == "ddgm_ddim"
+    assert report.label("ddgm", "gamma", "ddim", 0.0) == "Gamma (ddgm), DDIM eta=0"
+    assert report.label("ddpm", "gaussian", "ancestral", 0.5) == "Gaussian (ddpm), ancestral (DDPM)"
 
 
 def test_fid_rows_have_one_row_per_step_count_and_blank_skipped_cells():
-    rows = sweep.fid_rows(HAND, list(HAND_ROWS), [10, 100])
+    rows = report.fid_rows(HAND, list(HAND_ROWS), [10, 100])
     assert rows == [{"steps": 10, "ddpm_ancestral": 12.5, "ddgm_ddim": 7.0},
                     {"steps": 100, "ddpm_ancestral": 3.25, "ddgm_ddim": ""}]
-    text = sweep.csv_text(rows, list(HAND_ROWS))
+    text = report.csv_text(rows, list(HAND_ROWS))
     assert text.splitlines() == ["steps,ddpm_ancestral,ddgm_ddim", "10,12.5,7.0", "100,3.25,"]
 
 
 def test_markdown_table_has_a_line_per_row_and_a_column_per_step_count():
-    lines = sweep.markdown_table(HAND, HAND_ROWS, [10, 100]).splitlines()
+    lines = report.markdown_table(HAND, HAND_ROWS, [10, 100]).splitlines()
     assert lines[0] == "| | 10 steps | 100 steps |"
     assert lines[2] == "| Gaussian (ddpm), ancestral (DDPM) | 12.50 | 3.25 |"
     assert lines[3] == "| Gamma (ddgm), DDIM eta=0 | 7.00 | — |"
-    seconds = sweep.markdown_table(HAND, HAND_ROWS, [10, 100], "seconds", 1).splitlines()
+    seconds = report.markdown_table(HAND, HAND_ROWS, [10, 100], "seconds", 1).splitlines()
     assert seconds[2].endswith("| 1.0 | 9.0 |")
 
 
 def test_markdown_report_states_sample_count_floor_and_device():
-    text = sweep.markdown_report(HAND, HAND_ROWS, [10, 100], {"fid": 0.875}, 2000, "cuda:0 (H100)")
+    text = report.markdown_report(HAND, HAND_ROWS, [10, 100], {"fid": 0.875}, 2000, "cuda:0 (H100)")
     assert "2000 generated images" in text and "FID 0.88" in text and "cuda:0 (H100)" in text
 
 
 def test_plot_is_a_png(tmp_path):
-    sweep.plot_fid(HAND, HAND_ROWS, [10, 100], 0.5, 2000, tmp_path / "fid.png")
+    report.save_figure(report.fid_figure(HAND, HAND_ROWS, [10, 100], 0.5, 2000), tmp_path / "fid.png")
     with Image.open(tmp_path / "fid.png") as image:
         assert image.format == "PNG" and image.size[0] > 400
     assert [p.name for p in tmp_path.iterdir()] == ["fid.png"]  # no temporary left behind
@@ -160,8 +161,9 @@ def test_fid_csv_is_the_plot_data(swept):
 
 def test_table_md_and_png(swept):
     text = (swept / "results/sweep/table.md").read_text()
+    noise = {"ddpm": "gaussian", "ddgm": "gamma"}
     for model, sampler in [c.split("_") for c in COLUMNS]:
-        assert f"| {sweep.label(model, sampler, 0.0)} |" in text
+        assert f"| {report.label(model, noise[model], sampler, 0.0)} |" in text
     assert "16 generated images" in text and "Floor" in text and "Device: cpu" in text
     with Image.open(swept / "results/sweep/fid_vs_steps.png") as image:
         image.load()
@@ -181,16 +183,20 @@ def test_mlflow_run_holds_metrics_and_artifacts(swept):
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == set(OUTPUTS)
 
 
-def test_step_counts_beyond_a_models_n_T_are_skipped(tmp_path, monkeypatch, capsys):
+def test_step_counts_beyond_a_models_n_T_run_all_its_steps(tmp_path, monkeypatch, capsys):
+    """A smaller n_T needs no edit of sweep.steps: the counts above it run all n_T steps, said
+    once, and the table shows them under the count that ran."""
     root = build_inputs(tmp_path, ddgm_n_T=5, sweep_params={"steps": [1, 10],
                                                            "samplers": ["ddim"]})
     run_stage(root, monkeypatch)
-    assert "skipping ddgm_ddim at 10 steps" in capsys.readouterr().err
+    assert "step counts above ddgm's n_T = 5 are run as 5 steps" in capsys.readouterr().err
     table = json.loads((root / "results/sweep/table.json").read_text())
-    assert set(table["ddpm_ddim"]) == {"1", "10"} and set(table["ddgm_ddim"]) == {"1"}
+    assert set(table["ddpm_ddim"]) == {"1", "10"} and set(table["ddgm_ddim"]) == {"1", "5"}
     assert "ddpm_ancestral" not in table
     rows = list(csv.DictReader((root / "results/sweep/fid.csv").open()))
-    assert list(rows[0]) == ["steps", "ddpm_ddim", "ddgm_ddim"] and rows[1]["ddgm_ddim"] == ""
+    assert list(rows[0]) == ["steps", "ddpm_ddim", "ddgm_ddim"]
+    assert [r["steps"] for r in rows] == ["1", "5", "10"]
+    assert rows[1]["ddpm_ddim"] == "" and rows[2]["ddgm_ddim"] == ""  # cells no model ran
     assert "| — |" in (root / "results/sweep/table.md").read_text()
 
 

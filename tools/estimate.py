@@ -1,6 +1,6 @@
 """How long ``dvc repro`` will take here, from a short measurement (``make repro`` runs this first).
 
-    python -m stages.estimate [--no-wait]
+    python -m tools.estimate [--no-wait]
 
 On a machine without a GPU it times a few training steps and network evaluations of the
 configured network at params.yaml's batch sizes and precision, multiplies them by the work the
@@ -17,14 +17,15 @@ import math
 import sys
 import time
 
-import torch
-import yaml
+from pathlib import Path
 
+import torch
+
+from diffusion.mnist import N_TEST, N_TRAIN
 from diffusion.network import DenoiserCNN, autocast, resolve_precision
-from diffusion.process import process_for_model
+from diffusion.process import make_process
 from diffusion.training import TrainConfig, denoising_loss, make_state
-from stages.common import MODELS
-from stages.params import MNIST_TEST, MNIST_TRAIN, ParamsError, validate
+from stages.params import PARAMS_FILE, ParamsError, read_yaml, validate
 
 WAIT_S = 10
 TIMED_STEPS, TIMED_EVALUATIONS = 4, 3
@@ -46,9 +47,9 @@ def measure(params: dict, device: torch.device) -> tuple[float, float]:
     image at sample.batch_size, capped at 500 images so the measurement stays short)."""
     precision = resolve_precision(params["precision"], device)
     torch.manual_seed(0)
-    net = DenoiserCNN(tuple(params["net"]["hidden"]), params["net"]["activation"])
+    net = DenoiserCNN(**params["net"])
     state = make_state(net, TrainConfig(lr=params["train"]["lr"]), device)
-    process = process_for_model("ddpm", params["ddpm"])
+    process = make_process(params[params["models"][0]])
     batch = params["train"]["batch_size"]
     x0 = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
     t = torch.randint(1, process.n_T + 1, (batch,), device=device)
@@ -75,17 +76,17 @@ def measure(params: dict, device: torch.device) -> tuple[float, float]:
 
 def work(params: dict) -> dict[str, tuple[float, float]]:
     """Per stage: (training steps, single-image network evaluations) the params ask for."""
-    train, sample, sweep = params["train"], params["sample"], params["sweep"]
-    images = params["data"]["train_subset"] or MNIST_TRAIN
-    holdout = train["holdout_subset"] or MNIST_TEST
-    n_T = {m: params[m]["n_T"] for m in MODELS}
+    train, sample, sweep, models = params["train"], params["sample"], params["sweep"], params["models"]
+    images = params["data"]["train_subset"] or N_TRAIN
+    holdout = train["holdout_subset"] or N_TEST
+    n_T = {m: params[m]["n_T"] for m in models}
     return {
-        "train": (len(MODELS) * train["epochs"] * math.ceil(images / train["batch_size"]),
-                  len(MODELS) * train["epochs"] * holdout),
-        "sample": (0, sum(sample["n_samples"] * min(sample["steps"], n_T[m]) for m in MODELS)),
-        "evaluate": (0, len(MODELS) * params["evaluate"]["n_samples"]
+        "train": (len(models) * train["epochs"] * math.ceil(images / train["batch_size"]),
+                  len(models) * train["epochs"] * holdout),
+        "sample": (0, sum(sample["n_samples"] * min(sample["steps"], n_T[m]) for m in models)),
+        "evaluate": (0, len(models) * params["evaluate"]["n_samples"]
                      * (1 + len(params["evaluate"]["psnr_t"]))),
-        "sweep": (0, sum(sweep["n_samples"] * count * len(sweep["samplers"]) for m in MODELS
+        "sweep": (0, sum(sweep["n_samples"] * count * len(sweep["samplers"]) for m in models
                          for count in {min(s, n_T[m]) for s in sweep["steps"]})),
     }
 
@@ -96,16 +97,15 @@ def duration(seconds: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.estimate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.estimate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-wait", action="store_true", help="do not pause on a terminal")
     args = parser.parse_args()
     if torch.cuda.is_available():
         print(f"estimate: CUDA ({torch.cuda.get_device_name()}): the defaults take minutes here")
         return
     try:
-        with open("params.yaml") as file:
-            params = validate(yaml.safe_load(file))
-    except (OSError, ParamsError, yaml.YAMLError) as error:
+        params = validate(read_yaml(Path(PARAMS_FILE)))
+    except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     device = torch.device("cpu")

@@ -1,6 +1,6 @@
 """Run the pipeline as a DVC experiment with the overrides of a file (``make quick``).
 
-    python -m stages.quick [FILE] [--dry]     (FILE: default quick.yaml)
+    python -m tools.quick [FILE] [--dry]     (FILE: default quick.yaml)
 
 FILE maps dotted params.yaml keys to values (``train.epochs: 5``). They are checked against
 params.yaml's schema first (one line and exit 2 for a bad key or value), then passed to
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.params import KNOWN_KEYS, ParamsError, _read_yaml, validate
+from stages.params import PARAMS_FILE, ParamsError, read_yaml, validate
 
 
 def read_overrides(path: Path) -> dict:
@@ -40,12 +40,13 @@ def apply(params: dict, overrides: dict, source: str) -> dict:
     """``params`` with ``overrides`` set, validated as a whole (ParamsError names ``source``)."""
     merged = copy.deepcopy(params)
     for key, value in overrides.items():
-        if str(key) not in KNOWN_KEYS or isinstance(value, dict):
-            raise ParamsError(f"{source}: {key} is not a params.yaml key with a single value")
         *sections, last = str(key).split(".")
         node = merged
         for section in sections:
-            node = node[section]
+            node = node.get(section) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node or isinstance(node[last], dict) \
+                or isinstance(value, dict):
+            raise ParamsError(f"{source}: {key} is not a params.yaml key with a single value")
         node[last] = value
     try:
         return validate(merged)
@@ -62,13 +63,13 @@ def set_flags(overrides: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.quick", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.quick", description=__doc__.split("\n\n")[0])
     parser.add_argument("file", nargs="?", type=Path, default=Path("quick.yaml"))
     parser.add_argument("--dry", action="store_true", help="print the dvc command, run nothing")
     args = parser.parse_args()
     try:
         overrides = read_overrides(args.file)
-        apply(_read_yaml(Path("params.yaml")), overrides, str(args.file))
+        apply(read_yaml(Path(PARAMS_FILE)), overrides, str(args.file))
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

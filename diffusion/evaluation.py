@@ -1,0 +1,165 @@
+"""Evaluating trained models: scores of samples against real digits, the one-step x0 estimate,
+the FID-against-steps sweep, and the forward and reverse trajectories the figures show.
+
+Sample quality is measured on the features of the MNIST classifier (``diffusion.classifier``)
+with the metrics of ``diffusion.metrics``, always against a ``Reference``: a set of real test
+digits, and as many real training digits scored the same way (the floor, what a perfect model
+would get with this sample count, since FID depends on it).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffusion.classifier import MnistClassifier, embed
+from diffusion.data import to_model_range
+from diffusion.metrics import psnr, quality_metrics
+from diffusion.model import DiffusionModel
+from diffusion.process import NoiseProcess, timesteps_at
+from diffusion.sampling import sample, steps_within
+from diffusion.training import heldout_loss
+
+
+@dataclass
+class Reference:
+    """Classifier features of real test digits, and the floor: the scores of as many real
+    training digits against them."""
+
+    classifier: MnistClassifier
+    features: np.ndarray
+    probabilities: np.ndarray
+    floor: dict[str, float]
+    seed: int
+    batch_size: int = 1000
+
+    @classmethod
+    def of(cls, classifier: MnistClassifier, test_images: torch.Tensor,
+           train_images: torch.Tensor, *, seed: int, batch_size: int = 1000) -> Reference:
+        """``test_images`` and ``train_images`` are uint8 (N, 28, 28), as many of each."""
+        features, probabilities = embed(classifier, test_images, batch_size)
+        reference = cls(classifier, features, probabilities, {}, seed, batch_size)
+        reference.floor = reference.score(train_images)
+        return reference
+
+    def score(self, images: torch.Tensor) -> dict[str, float]:
+        """FID, KID, Inception Score, precision/recall and class balance of uint8 ``images``
+        against the test digits (``diffusion.metrics.quality_metrics``)."""
+        features, probabilities = embed(self.classifier, images, self.batch_size)
+        return quality_metrics(features, probabilities, self.features, self.probabilities,
+                               seed=self.seed)
+
+
+@torch.no_grad()
+def x0_psnr(model: DiffusionModel, images: torch.Tensor, t: int, *, seed: int,
+            batch_size: int = 1000) -> float:
+    """Mean PSNR (dB) of the one-step estimate x0_hat(x_t) (Ho et al. eq. 15) against the clean
+    uint8 ``images``, with x_t drawn from the model's own forward process at timestep ``t``."""
+    generator = torch.Generator(model.device).manual_seed(seed)
+    scores = []
+    for start in range(0, images.shape[0], batch_size):
+        x0 = to_model_range(images[start:start + batch_size].to(model.device))
+        t_batch = torch.full((x0.shape[0],), t, device=model.device)
+        x_t, _ = model.process.corrupt(x0, t_batch, generator=generator)
+        scores.append(psnr(model.denoise(x_t, t_batch).clamp(-1, 1), x0))
+    return torch.cat(scores).mean().item()
+
+
+def evaluate_model(model: DiffusionModel, samples: torch.Tensor, reference: Reference,
+                   test_images: torch.Tensor, *, psnr_fractions: Iterable[float], seed: int,
+                   batch_size: int = 1000) -> dict:
+    """The evaluate stage's metrics of one model: ``heldout_loss`` (Ho eq. 14, noise fixed by
+    ``seed``) and ``psnr_t<t>`` on ``test_images``, at t = round(f n_T) for each fraction f
+    (at least 1), and ``quality`` of the uint8 ``samples`` with the ``floor`` beside it."""
+    test_images = test_images.to(model.device)
+    metrics: dict = {
+        "n_samples": int(samples.shape[0]),
+        "heldout_loss": heldout_loss(model.net, model.process, test_images, seed=seed,
+                                     batch_size=batch_size, precision=model.precision),
+    }
+    for t in timesteps_at(psnr_fractions, model.process.n_T, lowest=1):
+        metrics[f"psnr_t{t}"] = x0_psnr(model, test_images, t, seed=seed, batch_size=batch_size)
+    metrics["quality"] = reference.score(samples)
+    metrics["floor"] = reference.floor
+    return metrics
+
+
+SweepTable = dict[str, dict[str, dict[str, float]]]  # "<model>_<sampler>" -> str(steps) -> scores
+
+
+def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Iterable[int],
+          samplers: Iterable[str], n: int, eta: float, clip_x0: bool, seed: int,
+          batch_size: int, keep: Iterable[str],
+          on_cell: Callable[[str, int, dict[str, float]], None] | None = None) -> SweepTable:
+    """FID (and the ``keep`` scores) against sampling steps: the DDGM paper's table.
+
+    For every sampler (outer, as in the paper), model and step count, ``n`` images from the
+    same seed are scored against ``reference``; a step count above a model's n_T runs all n_T
+    steps (stored under that count). Each cell holds the scores and the sampling ``seconds``;
+    ``on_cell(column, steps, cell)`` sees each as it is done.
+    """
+    keep = tuple(keep)
+    for model in models.values():  # warm-up (CUDA context, kernel choice): not timed below
+        model.sample(min(n, batch_size), steps=1, seed=seed, batch_size=batch_size)
+    table: SweepTable = {}
+    for sampler in samplers:
+        for name, model in models.items():
+            column = f"{name}_{sampler}"  # diffusion.report.column
+            table[column] = {}
+            for count in sorted({steps_within(s, model.process.n_T) for s in steps}):
+                started = time.perf_counter()
+                images = model.sample(n, steps=count, sampler=sampler, eta=eta, seed=seed,
+                                      batch_size=batch_size, clip_x0=clip_x0)
+                seconds = time.perf_counter() - started
+                scores = reference.score(images)
+                cell = {**{k: scores[k] for k in keep}, "seconds": seconds}
+                table[column][str(count)] = cell
+                if on_cell is not None:
+                    on_cell(column, count, cell)
+    return table
+
+
+def degradation(processes: dict[str, NoiseProcess], x0: torch.Tensor,
+                timesteps: dict[str, list[int]], seed: int) -> dict[str, torch.Tensor]:
+    """x_t ~ q(x_t | x0) (Ho et al. eq. 4) for each process at its ``timesteps``: float
+    (n_digits, len, 28, 28) each. Every process starts from the same x0 (model range, on the
+    CPU) and a generator seeded with ``seed``; t = 0 is x0."""
+    rows = {}
+    for name, process in processes.items():
+        if process.device.type != "cpu":  # a copy: the caller's process stays where it is
+            process = copy.deepcopy(process).cpu()
+        generator = torch.Generator().manual_seed(seed)
+        frames = []
+        for t in timesteps[name]:
+            t_batch = torch.full((x0.shape[0],), t, dtype=torch.long)
+            frames.append(process.corrupt(x0, t_batch, generator=generator)[0][:, 0])
+        rows[name] = torch.stack(frames, dim=1)
+    return rows
+
+
+def reverse_trajectory(model: DiffusionModel, n: int, points: int,
+                       seed: int) -> tuple[list[int], torch.Tensor]:
+    """x_t of ``n`` ancestral samples (Ho et al. Algorithm 2) at ``points`` evenly spaced t from
+    n_T down to 0: the timesteps and float (n, len(timesteps), 28, 28).
+
+    The random stream is that of ``model.sample(n, seed=seed)``, so the t = 0 frame is that
+    call's output before rounding.
+    """
+    n_T = model.process.n_T
+    wanted = sorted({round(t) for t in np.linspace(0, n_T, points)}, reverse=True)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    x_T = model.process.prior((n, 1, 28, 28), generator=generator)
+    frames = {n_T: x_T}
+
+    def record(t: int, x: torch.Tensor) -> None:
+        if t in wanted:
+            frames[t] = x.clone()
+
+    sample(model.net, model.process, n, device=model.device, generator=generator, x_T=x_T,
+           callback=record, precision=model.precision)
+    return wanted, torch.stack([frames[t][:, 0].float().cpu() for t in wanted], dim=1)
