@@ -19,7 +19,7 @@ import torch
 
 from diffusion.classifier import MnistClassifier, embed
 from diffusion.data import to_model_range
-from diffusion.metrics import psnr, quality_metrics
+from diffusion.metrics import nearest_neighbours, psnr, quality_metrics
 from diffusion.model import DiffusionModel
 from diffusion.process import NoiseProcess, timesteps_at
 from diffusion.sampling import sample, steps_within
@@ -89,6 +89,22 @@ def evaluate_model(model: DiffusionModel, samples: torch.Tensor, reference: Refe
     return metrics
 
 
+# The scores a reader compares first (the evaluate stage's metrics.json, MLflow's metrics); the
+# rest (kid_std, class fractions, PSNR per t) is detail.
+HEADLINE = ("fid", "kid_mean", "inception_score", "precision", "recall", "class_tv")
+
+
+def split_headline(metrics: dict) -> tuple[dict, dict]:
+    """``evaluate_model``'s metrics as (headline, detail): the held-out loss and the HEADLINE
+    scores of the samples and of the floor, and everything else, both keeping its layout."""
+    headline: dict = {"n_samples": metrics["n_samples"], "heldout_loss": metrics["heldout_loss"]}
+    detail: dict = {k: v for k, v in metrics.items() if k.startswith("psnr_t")}
+    for group in ("quality", "floor"):
+        headline[group] = {k: v for k, v in metrics[group].items() if k in HEADLINE}
+        detail[group] = {k: v for k, v in metrics[group].items() if k not in HEADLINE}
+    return headline, detail
+
+
 SweepTable = dict[str, dict[str, dict[str, float]]]  # "<model>_<sampler>" -> str(steps) -> scores
 
 
@@ -122,6 +138,17 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
                 if on_cell is not None:
                     on_cell(column, count, cell)
     return table
+
+
+def nearest_training_images(classifier: MnistClassifier, sets: dict[str, torch.Tensor],
+                            train_images: torch.Tensor, k: int = 3
+                            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each set of uint8 images, the (distances, indices) of each image's ``k`` nearest
+    training images in the classifier's feature space: the memorisation check (a sample much
+    closer to the training set than unseen real digits are would be a copy)."""
+    train_features = embed(classifier, train_images)[0]
+    return {name: nearest_neighbours(embed(classifier, images)[0], train_features, k)
+            for name, images in sets.items()}
 
 
 def degradation(processes: dict[str, NoiseProcess], x0: torch.Tensor,

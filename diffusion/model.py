@@ -147,10 +147,11 @@ def load_from_mlflow(uri: str, device: torch.device | str | None = None,
                      tracking_uri: str | None = None) -> DiffusionModel:
     """Load a model logged to MLflow by the train stage, without unpickling code.
 
-    ``uri`` is a run id (its model ``runs:/<id>/model``), any MLflow model URI
-    (``runs:/<id>/model``, ``models:/<model id>``) or a local MLflow model folder. The store is
-    ``tracking_uri``, else MLflow's default (``MLFLOW_TRACKING_URI`` or ``./mlflow.db``, the
-    pipeline's store when run from the repo root). MLflow is imported only here.
+    ``uri`` is a train run's id (its model ``runs:/<id>/<model name>``), any MLflow model URI
+    (``runs:/<id>/ddpm``, ``models:/ddpm/1`` from the registry, ``models:/<model id>``) or a
+    local MLflow model folder. The store is ``tracking_uri``, else MLflow's default
+    (``MLFLOW_TRACKING_URI`` or ``./mlflow.db``, the pipeline's store when run from the repo
+    root). MLflow is imported only here.
     """
     import tempfile
 
@@ -163,8 +164,9 @@ def load_from_mlflow(uri: str, device: torch.device | str | None = None,
         if not (Path(uri) / MLFLOW_MODEL_FILE).is_file():
             raise FileNotFoundError(missing)
         return load(Path(uri) / MLFLOW_MODEL_FILE, device=device)
-    if ":/" not in uri:
-        uri = f"runs:/{uri}/model"
+    if ":/" not in uri:  # a run id: its model is named after the run's "model" tag
+        name = mlflow.MlflowClient(tracking_uri).get_run(uri).data.tags.get("model", "model")
+        uri = f"runs:/{uri}/{name}"
     with tempfile.TemporaryDirectory() as folder:  # the file is read into memory, then removed
         if uri.startswith("runs:/"):  # fetch only the weights file, not the pickle and the code
             path = Path(mlflow.artifacts.download_artifacts(

@@ -39,6 +39,13 @@ def colours(models: Iterable[str]) -> dict[str, str]:
     return {model: f"C{i}" for i, model in enumerate(models)}
 
 
+def device_label(device: torch.device) -> str:
+    """e.g. ``cuda:0 (NVIDIA H100)`` or ``cpu (2 threads)``: what a result was measured on."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
 def save_figure(figure: Figure, path: Path | str) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI)
@@ -89,6 +96,26 @@ def frames_figure(rows: list[tuple[str, torch.Tensor]], columns: list[str], titl
         axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def degradation_figure(degraded: dict[str, torch.Tensor], labels: dict[str, str],
+                       timesteps: dict[str, list[int]], seed: int) -> Figure:
+    """``diffusion.evaluation.degradation`` rows: each digit under each model's forward process."""
+    n_digits = next(iter(degraded.values())).shape[0]
+    rows = [(f"digit {i + 1}\n{labels[m]}", degraded[m][i]) for i in range(n_digits) for m in degraded]
+    return frames_figure(rows, timestep_titles(timesteps.values()),
+                         f"Forward process q(x_t | x0), same digits and seed {seed} "
+                         "(pixels clipped to [-1, 1])")
+
+
+def trajectories_figure(trajectories: dict[str, tuple[list[int], torch.Tensor]],
+                        labels: dict[str, str], seed: int) -> Figure:
+    """``diffusion.evaluation.reverse_trajectory`` of each model: (timesteps, frames) per model."""
+    rows = [(f"{labels[m]}\nsample {i + 1}", frames[i])
+            for m, (_, frames) in trajectories.items() for i in range(frames.shape[0])]
+    return frames_figure(rows, timestep_titles(t for t, _ in trajectories.values()),
+                         f"Ancestral sampling from t = n_T to 0, seed {seed} "
+                         "(pixels clipped to [-1, 1])")
 
 
 def timestep_titles(timesteps: Iterable[list[int]]) -> list[str]:

@@ -337,6 +337,16 @@ class Checkpoint:
         return sorted(path for path in self.path.parent.glob(f"{glob.escape(self.name)}-*.pt")
                       if path != self.path)
 
+    def report_others(self) -> str | None:
+        """Where the resume states of other params are and how big, or None if there are none."""
+        others = self.others()
+        if not others:
+            return None
+        size = sum(path.stat().st_size for path in others) / 2**20
+        return (f"{self.name}: {len(others)} resume state(s) of other params or data "
+                f"({size:.1f} MiB) in {self.path.parent}: {', '.join(p.name for p in others)}; "
+                "they resume if those params come back, delete them to free the space")
+
 
 class TrainLoop:
     """A training run with its outputs: ``log.csv`` after every epoch and

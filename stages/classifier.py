@@ -12,7 +12,7 @@ from pathlib import Path
 from diffusion.classifier import evaluate_accuracy, save_classifier, train_classifier
 from diffusion.io import save_json
 from diffusion.model import default_device
-from stages.common import mnist_on, open_run, plain, stage_main
+from stages.common import log_mnist, mnist_on, open_run, plain, stage_main
 from stages.params import load_params_or_exit
 
 
@@ -27,16 +27,25 @@ def main() -> None:
     train_images, train_labels = mnist_on(device, train=True)
     test_images, test_labels = mnist_on(device, train=False)
 
+    log_mnist(run, train=True, used=0, context="training")
+    log_mnist(run, train=False, used=0, context="evaluation")
+
+    def on_epoch(epoch: int, figures: dict[str, float]) -> None:
+        run.log_metrics({k: figures[k] for k in ("train_loss", "train_accuracy")}, step=epoch)
+
     started = time.perf_counter()
-    classifier = train_classifier(train_images, train_labels, epochs=settings["epochs"],
-                                  batch_size=settings["batch_size"], lr=settings["lr"],
-                                  seed=params["seed"], device=device, log=print)
-    accuracy = evaluate_accuracy(classifier, test_images, test_labels)
+    with run.system_metrics():
+        classifier = train_classifier(train_images, train_labels, epochs=settings["epochs"],
+                                      batch_size=settings["batch_size"], lr=settings["lr"],
+                                      seed=params["seed"], device=device, log=print,
+                                      on_epoch=on_epoch)
+        accuracy = evaluate_accuracy(classifier, test_images, test_labels)
     seconds = time.perf_counter() - started
 
     save_classifier(classifier, Path("models/classifier/classifier.pt"))
     save_json({"test_accuracy": accuracy}, Path("results/classifier/metrics.json"))
-    run.log_metrics({"test_accuracy": accuracy, "train_seconds": seconds})
+    run.log_metrics({"test_accuracy": accuracy}, step=settings["epochs"])
+    run.set_tags({"train_seconds": f"{seconds:.1f}"})
     run.finish()
     print(f"{stage}: test accuracy {accuracy:.4f} after {settings['epochs']} epochs "
           f"({seconds:.0f} s on {device})")

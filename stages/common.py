@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
+import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 
 from diffusion.io import ModelFileError, SamplesFileError, load_samples
-from diffusion.mnist import load_mnist, random_subset
+from diffusion.mnist import (N_TEST, N_TRAIN, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
+                             load_mnist, md5_file, random_subset)
 from stages.tracking import Run, TrackingUnavailableError, finish_open_runs
 
 Loaded = TypeVar("Loaded")
@@ -41,6 +44,17 @@ def open_run(stage: str, model: str | None = None, **kwargs) -> Run:
         fail(str(error))
 
 
+def log_mnist(run: Run, train: bool, used: int, context: str, how: str = "the first") -> None:
+    """MNIST's training or test set as an input of ``run`` (its "Datasets"): the digest is the
+    MD5 of its two IDX files, and a tag says how many images were used (``how``: "the first"
+    or "random")."""
+    names, total = ((TRAIN_IMAGES, TRAIN_LABELS), N_TRAIN) if train else ((TEST_IMAGES, TEST_LABELS), N_TEST)
+    digest = hashlib.md5("".join(md5_file(RAW_DIR / name) for name in names).encode()).hexdigest()
+    used = min(used or total, total)
+    run.log_dataset(f"MNIST {'train' if train else 'test'}", digest, RAW_DIR, context,
+                    tags={"images": f"all {total}" if used == total else f"{how} {used} of {total}"})
+
+
 class Silent:
     """Stands in for the MLflow run and the progress bar on ranks other than 0: does nothing."""
 
@@ -49,7 +63,11 @@ class Silent:
     def log_params(self, *args, **kwargs) -> None:
         pass
 
-    log_metrics = log_artifact = finish = epoch_done = close = log_params
+    log_metrics = log_artifact = log_image = finish = epoch_done = close = log_params
+
+    @contextlib.contextmanager
+    def system_metrics(self, resume: bool = False) -> Iterator[None]:
+        yield
 
 
 def warn(message: str) -> None:

@@ -1,8 +1,7 @@
 """DVC stage evaluate@<model>: score a trained model on the MNIST test set.
 
-Writes ``results/evaluate/<model>/metrics.json`` (``diffusion.evaluation.evaluate_model``), for
-``evaluate.n_samples`` test images (a random subset fixed by ``seed`` when fewer than all 10000)
-and the first as many samples:
+Computes (``diffusion.evaluation.evaluate_model``), for ``evaluate.n_samples`` test images (a
+random subset fixed by ``seed`` when fewer than all 10000) and the first as many samples:
 - ``heldout_loss``: the denoising loss (Ho eq. 14) on test images, noise fixed by ``seed``;
 - ``psnr_t<t>``: PSNR (dB) of the one-step estimate x0_hat(x_t) against the clean test image, at
   t = round(f * n_T) for each fraction f of ``evaluate.psnr_t`` (at least t = 1);
@@ -11,7 +10,12 @@ and the first as many samples:
 - ``floor``: the same metrics for as many real training images against the test set, i.e. what
   a perfect model would score with this sample count (FID depends on it: it is recorded too).
 The model runs in ``precision`` (the classifier in float32, so scores compare across machines).
-The metrics go to an MLflow run nested under the model's training run, and onto that run too.
+
+``results/evaluate/<model>/metrics.json`` (DVC metrics) holds the headline figures: the held-out
+loss and FID, KID, IS, precision, recall and class TV of the samples and of the floor;
+``detail.json`` the rest (PSNR per t, KID spread, class fractions). The headline figures are the
+metrics of an MLflow run nested under the model's training run (never on the training run's
+curves); the class balance and the PSNRs are tables of it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ import numpy as np
 import torch
 
 from diffusion.classifier import load_classifier
-from diffusion.evaluation import Reference, evaluate_model
+from diffusion.evaluation import Reference, evaluate_model, split_headline
 from diffusion.io import save_json
 from diffusion.model import load
 from diffusion.network import resolve_precision
-from stages.common import (fail, load_or_exit, mnist_reference, model_argument, open_run,
-                           parent_run_id, plain, samples_or_exit, stage_main)
+from stages.common import (fail, load_or_exit, log_mnist, mnist_reference, model_argument,
+                           open_run, parent_run_id, plain, samples_or_exit, stage_main)
 from stages.params import load_params_or_exit
 
 
@@ -60,13 +64,21 @@ def main() -> None:
     metrics = evaluate_model(model, fake, reference, test_images,
                              psnr_fractions=settings["psnr_t"], seed=seed, batch_size=batch_size)
 
-    save_json(metrics, Path("results/evaluate") / model_name / "metrics.json")
-    flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-    for group in ("quality", "floor"):
-        flat.update({f"{group}_{k}": v for k, v in metrics[group].items()})
-    run.log_metrics(flat)
-    if parent:
-        run.log_metrics(flat, run_id=parent)  # also on the training run, beside its curves
+    headline, detail = split_headline(metrics)
+    out_dir = Path("results/evaluate") / model_name
+    save_json(headline, out_dir / "metrics.json")
+    save_json(detail, out_dir / "detail.json")
+    log_mnist(run, train=False, used=n, context="evaluation", how="random")
+    log_mnist(run, train=True, used=n, context="floor", how="random")
+    run.log_metrics({"heldout_loss": headline["heldout_loss"], **headline["quality"],
+                     **{f"floor_{k}": v for k, v in headline["floor"].items()}})
+    run.log_table({"digit": list(range(10)),
+                   **{group: [metrics[group][f"class_fraction_{d}"] for d in range(10)]
+                      for group in ("quality", "floor")}}, "class_balance.json")
+    run.log_table({"t": [int(k.removeprefix("psnr_t")) for k in detail if k.startswith("psnr_t")],
+                   "psnr_db": [v for k, v in detail.items() if k.startswith("psnr_t")]}, "psnr.json")
+    run.log_artifact(out_dir / "metrics.json")
+    run.log_artifact(out_dir / "detail.json")
     run.finish()
     print(f"{stage}: held-out loss {metrics['heldout_loss']:.4f}, FID {metrics['quality']['fid']:.2f} "
           f"(floor {metrics['floor']['fid']:.2f}) on {n} samples")

@@ -26,15 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion.classifier import embed, load_classifier
+from diffusion.classifier import load_classifier
 from diffusion.data import to_model_range
-from diffusion.evaluation import degradation, reverse_trajectory
-from diffusion.metrics import nearest_neighbours
+from diffusion.evaluation import degradation, nearest_training_images, reverse_trajectory
 from diffusion.mnist import load_mnist
 from diffusion.model import load
-from diffusion.report import (class_balance_figure, frames_figure, loss_figure,
+from diffusion.report import (class_balance_figure, degradation_figure, loss_figure,
                               memorisation_figure, model_label, precision_recall_figure,
-                              samples_figure, save_figure, timestep_titles)
+                              samples_figure, save_figure, trajectories_figure)
 from stages.common import (RAW_DIR, fail, load_or_exit, mnist_reference, open_run, plain,
                            samples_or_exit, stage_main)
 from stages.params import load_params_or_exit
@@ -55,16 +54,19 @@ def read_log(path: Path) -> dict[str, np.ndarray]:
     return {c: np.array([float(r[c]) for r in rows]) for c in columns}
 
 
-def read_metrics(path: Path) -> dict:
-    """An evaluate stage's metrics.json, checked for what the quality figures draw."""
+def read_metrics(folder: Path) -> dict:
+    """An evaluate stage's metrics.json and detail.json as one, checked for what the quality
+    figures draw."""
+    files = [folder / "metrics.json", folder / "detail.json"]
     try:
-        metrics = json.loads(path.read_text())
+        metrics, detail = (json.loads(path.read_text()) for path in files)
     except (OSError, ValueError) as error:
-        fail(f"{path}: cannot read the evaluate stage's metrics ({error})")
+        fail(f"{folder}: cannot read the evaluate stage's metrics ({error})")
     for group in ("quality", "floor"):
-        missing = [key for key in QUALITY_KEYS if key not in metrics.get(group, {})]
+        metrics[group] = {**metrics.get(group, {}), **detail.get(group, {})}
+        missing = [key for key in QUALITY_KEYS if key not in metrics[group]]
         if missing:
-            fail(f"{path}: '{group}' lacks {', '.join(missing)}; re-run the evaluate stage")
+            fail(f"{files[0]}: '{group}' lacks {', '.join(missing)}; re-run the evaluate stage")
     return metrics
 
 
@@ -78,7 +80,7 @@ def main() -> None:
                               next(iter(models.values())).device)
     logs = {m: read_log(Path("results/train") / m / "log.csv") for m in names}
     samples = {m: np.asarray(samples_or_exit(Path("results/sample") / m / "samples.npy")) for m in names}
-    metrics = {m: read_metrics(Path("results/evaluate") / m / "metrics.json") for m in names}
+    metrics = {m: read_metrics(Path("results/evaluate") / m) for m in names}
     too_few = {m: len(images) for m, images in samples.items() if len(images) < MEMORISATION_ROWS}
     if too_few:
         fail(f"the memorisation panel shows {MEMORISATION_ROWS} samples per model, but "
@@ -95,19 +97,10 @@ def main() -> None:
               for m, model in models.items()}
     digits = to_model_range(load_mnist(RAW_DIR, train=False)[0][:n_digits])
     degraded = degradation({m: model.process for m, model in models.items()}, digits, t_show, seed)
-    save_figure(frames_figure([(f"digit {i + 1}\n{labels[m]}", degraded[m][i])
-                               for i in range(len(digits)) for m in names],
-                              timestep_titles(t_show.values()),
-                              f"Forward process q(x_t | x0), same digits and seed {seed} "
-                              "(pixels clipped to [-1, 1])"), OUT_DIR / "degradation.png")
-    rows, steps = [], []
-    for m, model in models.items():
-        timesteps, frames = reverse_trajectory(model, TRAJECTORIES, TRAJECTORY_POINTS, seed)
-        steps.append(timesteps)
-        rows += [(f"{labels[m]}\nsample {i + 1}", frames[i]) for i in range(TRAJECTORIES)]
-    save_figure(frames_figure(rows, timestep_titles(steps), f"Ancestral sampling from t = n_T "
-                              f"to 0, seed {seed} (pixels clipped to [-1, 1])"),
-                OUT_DIR / "trajectories.png")
+    save_figure(degradation_figure(degraded, labels, t_show, seed), OUT_DIR / "degradation.png")
+    trajectories = {m: reverse_trajectory(model, TRAJECTORIES, TRAJECTORY_POINTS, seed)
+                    for m, model in models.items()}
+    save_figure(trajectories_figure(trajectories, labels, seed), OUT_DIR / "trajectories.png")
     save_figure(class_balance_figure(metrics, labels), OUT_DIR / "class_balance.png")
     save_figure(precision_recall_figure(metrics, labels), OUT_DIR / "precision_recall.png")
 
@@ -115,9 +108,7 @@ def main() -> None:
     checked = {m: torch.from_numpy(images[:MEMORISATION_CHECK]) for m, images in samples.items()}
     n_held_out = min(MEMORISATION_CHECK, max(len(images) for images in checked.values()))
     checked["held-out"] = mnist_reference(torch.device("cpu"), train=False, n=n_held_out, seed=seed)
-    train_features = embed(classifier, train_images)[0]
-    neighbours = {m: nearest_neighbours(embed(classifier, images)[0], train_features, NEIGHBOURS)
-                  for m, images in checked.items()}
+    neighbours = nearest_training_images(classifier, checked, train_images, NEIGHBOURS)
     held_out = neighbours.pop("held-out")[0][:, 0]
     save_figure(memorisation_figure(samples, train_images.numpy(), neighbours,
                                     f"{len(held_out)} held-out test digits {np.median(held_out):.2f}",

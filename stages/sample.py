@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion.data import save_grid
+from diffusion.data import grid_image, save_grid
 from diffusion.io import atomic_path
 from diffusion.model import load
 from diffusion.network import resolve_precision
@@ -41,16 +41,18 @@ def main() -> None:
                     "precision_resolved": precision})
 
     started = time.perf_counter()
-    images = model.sample(settings["n_samples"], steps=steps,
-                          sampler=settings["sampler"], eta=settings["eta"], seed=params["seed"],
-                          batch_size=settings["batch_size"], clip_x0=settings["clip_x0"])
+    with run.system_metrics():
+        images = model.sample(settings["n_samples"], steps=steps, sampler=settings["sampler"],
+                              eta=settings["eta"], seed=params["seed"],
+                              batch_size=settings["batch_size"], clip_x0=settings["clip_x0"])
     seconds = time.perf_counter() - started
     with atomic_path(out_dir / "samples.npy") as tmp:
         with open(tmp, "wb") as file:
             np.save(file, images.numpy())
     save_grid(images[:GRID_IMAGES], out_dir / "grid.png")
-    run.log_metrics({"sample_seconds": seconds, "images_per_s": len(images) / seconds})
-    run.log_artifact(out_dir / "grid.png")
+    run.log_metrics({"images_per_s": len(images) / seconds})
+    run.set_tags({"sample_seconds": f"{seconds:.1f}"})
+    run.log_image(grid_image(images[:GRID_IMAGES]).numpy(), key="samples", step=0)
     run.finish()
     print(f"{stage}: {len(images)} images, {settings['sampler']} sampler, {steps} steps, "
           f"{seconds:.1f} s on {model.device} ({precision}) -> {out_dir}")

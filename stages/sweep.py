@@ -9,7 +9,8 @@ same ``seed`` in every cell; ``sweep.eta`` for DDIM; ``sweep.clip_x0`` clips eac
 estimate) are scored against as many random MNIST test images, beside the floor (as many real
 training images). Outputs, in ``results/sweep/``:
 
-- ``table.json``  DVC metrics: {"n_samples", "floor": {...}, "<model>_<sampler>": {"<steps>": {...}}}
+- ``table.json``  DVC metrics, the FIDs: {"n_samples", "floor_fid", "<model>_<sampler>": {"<steps>": FID}}
+- ``cells.json``  every score of every cell: {"n_samples", "floor": {...}, "<model>_<sampler>": {"<steps>": {...}}}
 - ``fid.csv``     DVC plot data: one row per step count, one FID column per ``<model>_<sampler>``
 - ``table.md``    the FID table in Markdown, rows = model x sampler, columns = steps
 - ``fid_vs_steps.png``  FID against steps (log x), one line per row, the floor dashed
@@ -24,8 +25,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from diffusion import report
 from diffusion.classifier import load_classifier
 from diffusion.evaluation import Reference, sweep
@@ -38,12 +37,6 @@ from stages.params import load_params_or_exit
 OUT_DIR = Path("results/sweep")
 CLASSIFIER = Path("models/classifier/classifier.pt")
 KEPT = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "class_tv")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({torch.get_num_threads()} threads)"
 
 
 @stage_main
@@ -77,11 +70,10 @@ def main() -> None:
         reference = Reference.of(classifier, test_images, train_images, seed=seed,
                                  batch_size=batch_size)
         floor = {k: reference.floor[k] for k in KEPT}
-        run.log_metrics({f"floor_{k}": v for k, v in floor.items()})
+        run.log_metrics({"floor_fid": floor["fid"]})
 
         def on_cell(column: str, count: int, cell: dict[str, float]) -> None:
-            run.log_metrics({f"{k}_{column}_{count}": v for k, v in cell.items()})
-            run.log_metrics({f"fid_{column}": cell["fid"]}, step=count)  # a curve in MLflow
+            run.log_metrics({f"fid_{column}": cell["fid"]}, step=count)  # FID against steps
             print(f"sweep: {column:16s} {count:5d} steps  FID {cell['fid']:8.2f}  "
                   f"{cell['seconds']:7.1f} s", flush=True)
 
@@ -95,14 +87,21 @@ def main() -> None:
     rows = {report.column(m, s): report.label(m, models[m].process.name, s, eta, settings["clip_x0"])
             for s in settings["samplers"] for m in models}  # paper order: samplers outer
     steps = sorted({int(s) for cells in table.values() for s in cells})
-    save_json({"n_samples": n, "floor": floor, **table}, OUT_DIR / "table.json")
+    save_json({"n_samples": n, "floor_fid": floor["fid"],
+               **{c: {s: cell["fid"] for s, cell in cells.items()} for c, cells in table.items()}},
+              OUT_DIR / "table.json")
+    save_json({"n_samples": n, "floor": floor, **table}, OUT_DIR / "cells.json")
+    cells = [(c, int(s), cell) for c, by_steps in table.items() for s, cell in by_steps.items()]
+    run.log_table({"row": [rows[c] for c, _, _ in cells], "steps": [s for _, s, _ in cells],
+                   **{k: [cell[k] for _, _, cell in cells] for k in (*KEPT, "seconds")}},
+                  "cells_table.json")
     save_text(report.csv_text(report.fid_rows(table, list(rows), steps), list(rows)),
               OUT_DIR / "fid.csv")
-    save_text(report.markdown_report(table, rows, steps, floor, n, device_name(device)),
+    save_text(report.markdown_report(table, rows, steps, floor, n, report.device_label(device)),
               OUT_DIR / "table.md")
     report.save_figure(report.fid_figure(table, rows, steps, floor["fid"], n),
                        OUT_DIR / "fid_vs_steps.png")
-    for name in ("table.json", "fid.csv", "table.md", "fid_vs_steps.png"):
+    for name in ("table.json", "cells.json", "fid.csv", "table.md", "fid_vs_steps.png"):
         run.log_artifact(OUT_DIR / name)
     run.finish()
     print(f"sweep: {sum(map(len, table.values()))} cells on {n} samples, {precision} "

@@ -25,7 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 EXPERIMENT = "mnist-diffusion"
+SYSTEM_METRICS_INTERVAL_S = 5.0
 OWNER_TAG = "owner"  # host:pid:start of the process that runs it, to close runs of dead ones
 
 
@@ -309,8 +312,12 @@ class Run:
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, OWNER_TAG, owner)
             return self.client.get_run(run_id), experiment_id
-        return self.client.create_run(experiment_id, tags=tags, run_name=run_name or stage), \
-            experiment_id
+        # The tags mlflow.start_run would add (user, source, git commit): the UI's "User" and
+        # "Source" columns.
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return self.client.create_run(experiment_id, tags=resolve_tags(tags),
+                                      run_name=run_name or stage), experiment_id
 
     def _close_abandoned_runs(self, experiment_id: str, stage: str, keep: str | None) -> None:
         """Mark KILLED the RUNNING runs of ``stage`` whose process on this machine has ended."""
@@ -363,9 +370,61 @@ class Run:
     def log_artifacts(self, folder: Path | str, artifact_path: str | None = None) -> None:
         self._safely(self.client.log_artifacts, self.run_id, str(folder), artifact_path)
 
-    def log_pytorch_model(self, model_file: Path | str, name: str = "model") -> None:
-        """Log the model file's ``DiffusionModel`` in MLflow's PyTorch flavour as
-        ``runs:/<run id>/<name>``.
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._safely(self.client.log_batch, self.run_id,
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_image(self, image: np.ndarray, key: str, step: int, scale: int = 4) -> None:
+        """A uint8 (H, W) image under ``key`` at ``step`` (the UI's image slider), scaled up
+        ``scale`` times by nearest neighbour so a 28 x 28 digit is visible."""
+        big = np.kron(np.asarray(image, dtype=np.uint8), np.ones((scale, scale), dtype=np.uint8))
+        self._safely(self.client.log_image, self.run_id, big, key=key, step=step)
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """Columns of values as an MLflow table (the UI's artifact view and evaluation tab)."""
+        self._safely(self.client.log_table, self.run_id, data, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._safely(self.client.log_dict, self.run_id, data, artifact_file)
+
+    def log_dataset(self, name: str, digest: str, source: Path, context: str,
+                    tags: dict[str, str] | None = None) -> None:
+        """A dataset as a run input (the run page's "Datasets"): its name, digest, source folder
+        and what it was used for (``context``: training, evaluation)."""
+        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(source).resolve())),
+                              name=name, digest=digest)._to_mlflow_entity()
+        input_tags = [InputTag("mlflow.data.context", context),
+                      *(InputTag(k, v) for k, v in (tags or {}).items())]
+        self._safely(self.client.log_inputs, self.run_id, [DatasetInput(dataset, input_tags)])
+
+    @contextlib.contextmanager
+    def system_metrics(self, resume: bool = False) -> Iterator[None]:
+        """CPU, memory, disk, network (and GPU, with pynvml) as ``system/...`` metrics of this
+        run, sampled every SYSTEM_METRICS_INTERVAL_S seconds while the block runs
+        (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = self._safely(SystemMetricsMonitor, self.run_id, resume_logging=resume,
+                               sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                               tracking_uri=tracking_uri())
+        if monitor is not None:
+            monitor.start()
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                self._safely(monitor.finish)
+
+    def log_pytorch_model(self, model_file: Path | str, name: str) -> None:
+        """Log the model file's ``DiffusionModel`` in MLflow's PyTorch flavour as the run's
+        model ``name`` (``runs:/<run id>/<name>``) and register it as a new version of the
+        registered model ``name`` (``models:/<name>/<version>``).
 
         ``mlflow.pytorch.load_model`` then returns a ``DiffusionModel`` that samples (it is
         pickled: MLflow refuses it when ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``);
@@ -380,11 +439,14 @@ class Run:
             self._safely(self.client.set_terminated, self.run_id, status)
 
 
-def log_pytorch_model(run_id: str, experiment_id: str, model_file: Path | str,
-                      name: str = "model") -> None:
+def log_pytorch_model(run_id: str, experiment_id: str, model_file: Path | str, name: str) -> None:
     """Log the ``DiffusionModel`` of ``model_file`` (EMA weights, on the CPU) with
-    ``mlflow.pytorch.log_model`` to the run ``run_id``.
+    ``mlflow.pytorch.log_model`` to the run ``run_id`` as the model ``name``, and register it as
+    a new version of the registered model ``name``.
 
+    Its signature is the network's: x_t float32 (N, 1, 28, 28) in, the noise estimate of the
+    same shape out, with the timestep ``t`` as an inference parameter (``predict(x_t,
+    params={"t": 500})`` calls ``model(x_t, t=500)``); the input example is two prior draws.
     The model directory holds the pickled module (``data/model.pth``), the ``diffusion`` package
     it needs (``code/``, put on ``sys.path`` by ``load_model``, so a fresh interpreter without
     this project installed loads it) and ``model_file`` (``extra_files/model.pt``, loadable with
@@ -397,6 +459,8 @@ def log_pytorch_model(run_id: str, experiment_id: str, model_file: Path | str,
     import logging
 
     import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
 
     import diffusion
     from diffusion.model import load
@@ -408,10 +472,15 @@ def log_pytorch_model(run_id: str, experiment_id: str, model_file: Path | str,
     level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     logger.setLevel(logging.ERROR)  # the pickle-format warning: the weights-only file is beside it
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no bar in the stage's log
+    model = load(model_file, device="cpu")
+    t = model.process.n_T // 2
+    x_t = model.process.prior((2, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    signature = infer_signature(x_t.numpy(), model(x_t, t).detach().numpy(), params={"t": t})
     try:
         mlflow.set_experiment(experiment_id=experiment_id)
         mlflow.pytorch.log_model(
-            load(model_file, device="cpu"), name=name, run_id=run_id,
+            model, name=name, run_id=run_id, registered_model_name=name,
+            signature=signature, input_example=(x_t.numpy(), {"t": t}),
             serialization_format="pickle",
             code_paths=[str(Path(diffusion.__file__).parent)],
             extra_files=[str(model_file)],

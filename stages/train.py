@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from diffusion import distributed
+from diffusion.data import grid_image
 from diffusion.io import save_json
 from diffusion.model import default_device, save_model
 from diffusion.network import DenoiserCNN, resolve_precision
 from diffusion.process import make_process
 from diffusion.training import Checkpoint, NonFiniteLossError, TrainConfig, TrainLoop
-from stages.common import (RAW_DIR, EpochProgress, Silent, fail, mnist_on, model_argument,
-                           open_run, plain, stage_main, warn)
+from stages.common import (RAW_DIR, EpochProgress, Silent, fail, log_mnist, mnist_on,
+                           model_argument, open_run, plain, stage_main, warn)
 from stages.params import load_params_or_exit
 from stages.tracking import repo_root
 
@@ -52,12 +53,8 @@ def main() -> None:
     run = open_run(stage, model, run_id=loop.extra.get("run_id")) if world.is_main else Silent()
     loop.extra["run_id"] = run.run_id
     if world.is_main:
-        others = checkpoint.others()
-        if others:
-            print(f"{stage}: {len(others)} resume state(s) of other params or data "
-                  f"({sum(p.stat().st_size for p in others) / 2**20:.1f} MiB) in "
-                  f"{checkpoint.path.parent}: {', '.join(p.name for p in others)}; they resume "
-                  "if those params come back, delete them to free the space", flush=True)
+        if others := checkpoint.report_others():
+            print(others, flush=True)
         print(f"{stage}: {config.precision} on {device} (precision: {params['precision']})",
               flush=True)
         if loop.resumed:
@@ -65,6 +62,9 @@ def main() -> None:
     if not loop.resumed:
         run.log_params({"model": model, **params, "precision_resolved": config.precision,
                         "device": str(device), "world_size": world.world_size})
+        if world.is_main:
+            log_mnist(run, train=True, used=params["data"]["train_subset"], context="training")
+            log_mnist(run, train=False, used=config.holdout_subset, context="held-out loss")
     train_images, _ = mnist_on(device, train=True, subset=params["data"]["train_subset"])
     test_images, _ = mnist_on(device, train=False)
     progress = EpochProgress(config.epochs, loop.state.epoch, stage) if world.is_main else Silent()
@@ -74,41 +74,44 @@ def main() -> None:
                             record.images_per_s)
         run.log_metrics({"train_loss": record.train_loss, "heldout_loss": record.heldout_loss,
                          "images_per_s": record.images_per_s}, step=record.epoch)
-        if grid is not None:
-            run.log_artifact(grid, "grids")
+        if grid is not None:  # the UI's image slider: the same noise, epoch after epoch
+            run.log_image(grid_image(loop.grids[record.epoch]).numpy(), key="samples",
+                          step=record.epoch)
 
-    try:
-        state = loop.run(train_images, test_images, on_epoch=on_epoch)
-    except KeyboardInterrupt:
+    with run.system_metrics(resume=loop.resumed):  # training and the model's logging
+        try:
+            state = loop.run(train_images, test_images, on_epoch=on_epoch)
+        except KeyboardInterrupt:
+            progress.close()
+            run.finish("KILLED")
+            # The interrupt may land between an epoch's end and its checkpoint: say the file's epoch.
+            if saved := checkpoint.saved_epoch():
+                fail(f"{stage} interrupted; its state after epoch {saved} is saved in "
+                     f"{checkpoint.path}. Run `dvc repro {stage}` to resume from there.", status=130)
+            fail(f"{stage} interrupted during epoch 1, before any state was saved; "
+                 f"`dvc repro {stage}` starts it again.", status=130)
+        except NonFiniteLossError as error:
+            progress.close()
+            run.finish("FAILED")
+            fail(f"{stage}: {error}")
         progress.close()
-        run.finish("KILLED")
-        # The interrupt may land between an epoch's end and its checkpoint: report the file's epoch.
-        if saved := checkpoint.saved_epoch():
-            fail(f"{stage} interrupted; its state after epoch {saved} is saved in "
-                 f"{checkpoint.path}. Run `dvc repro {stage}` to resume from there.", status=130)
-        fail(f"{stage} interrupted during epoch 1, before any state was saved; "
-             f"`dvc repro {stage}` starts it again.", status=130)
-    except NonFiniteLossError as error:
-        progress.close()
-        run.finish("FAILED")
-        fail(f"{stage}: {error}")
-    progress.close()
-    if world.is_main:  # rank 0 writes the outputs
-        models_dir, log = Path("models") / model, Path("results/train") / model / "log.csv"
-        save_model(models_dir / "model.pt", state.net, state.ema, loop.process,
-                   {"model": model, "net": params["net"], "seed": config.seed,
-                    "train_subset": params["data"]["train_subset"], "train": params["train"],
-                    "precision": config.precision, "epochs_trained": state.epoch})
-        save_json({"run_id": run.run_id, "experiment_id": run.experiment_id},
-                  models_dir / "run.json")
-        run.log_artifact(models_dir / "model.pt", "model_file")
-        run.log_pytorch_model(models_dir / "model.pt")  # runs:/<id>/model, mlflow.pytorch flavour
-        run.log_artifact(log)
+        if world.is_main:  # rank 0 writes the outputs
+            model_file = Path("models") / model / "model.pt"
+            save_model(model_file, state.net, state.ema, loop.process,
+                       {"model": model, "net": params["net"], "seed": config.seed,
+                        "train_subset": params["data"]["train_subset"], "train": params["train"],
+                        "precision": config.precision, "epochs_trained": state.epoch})
+            save_json({"run_id": run.run_id, "experiment_id": run.experiment_id},
+                      model_file.parent / "run.json")
+            run.log_artifact(model_file, "model_file")
+            run.log_pytorch_model(model_file, model)  # runs:/<id>/<model>, models:/<model>/<n>
+            run.log_artifact(loop.out_dir / "log.csv")
+    if world.is_main:
         run.finish()
         checkpoint.remove()
         last = state.log[-1]
         print(f"{stage}: {state.epoch} epochs, train loss {last.train_loss:.4f}, "
-              f"held-out loss {last.heldout_loss:.4f} -> {models_dir / 'model.pt'}")
+              f"held-out loss {last.heldout_loss:.4f} -> {model_file}")
     distributed.shutdown()
 
 

@@ -130,7 +130,7 @@ def test_mlflow_pytorch_round_trip(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # the experiment's artifacts go to tmp_path
     run = Run("train@ddgm", "ddgm")
     run.log_artifact(model_file, "model_file")
-    run.log_pytorch_model(model_file)
+    run.log_pytorch_model(model_file, "ddgm")
     run.finish()
     assert not run._warned, "logging the model failed"
 
@@ -143,18 +143,19 @@ def test_mlflow_pytorch_round_trip(tmp_path: Path, monkeypatch):
     env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     scratch = tmp_path / "elsewhere"
     scratch.mkdir()
-    result = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_INTERPRETER,
-                             f"runs:/{run.run_id}/model"],
-                            cwd=scratch, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert loaded["class"] == "DiffusionModel" and loaded["module"] == "diffusion.model"
-    assert not loaded["diffusion_from"].startswith(str(REPO))
-    for sampler, images in expected.items():
-        assert torch.equal(torch.tensor(loaded["images"][sampler], dtype=torch.uint8), images)
+    for model_uri in (f"runs:/{run.run_id}/ddgm", "models:/ddgm/1"):  # the run's, the registry's
+        result = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_INTERPRETER, model_uri],
+                                cwd=scratch, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        loaded = json.loads(result.stdout.strip().splitlines()[-1])
+        assert loaded["class"] == "DiffusionModel" and loaded["module"] == "diffusion.model"
+        assert not loaded["diffusion_from"].startswith(str(REPO))
+        for sampler, images in expected.items():
+            assert torch.equal(torch.tensor(loaded["images"][sampler], dtype=torch.uint8), images)
 
-    # The weights-only copy beside it: diffusion.load_from_mlflow by run id and by URI.
-    for reference in (run.run_id, f"runs:/{run.run_id}/model"):
+    # The weights-only copy beside it: diffusion.load_from_mlflow by run id, by run URI and from
+    # the model registry, where each train run adds a version of the model named after it.
+    for reference in (run.run_id, f"runs:/{run.run_id}/ddgm", "models:/ddgm/1"):
         again = diffusion.load_from_mlflow(reference, device="cpu", tracking_uri=uri)
         assert torch.equal(again.sample(8, steps=10, sampler="ddim", eta=0.0, seed=7),
                            expected["ddim"])
@@ -168,7 +169,7 @@ def test_log_pytorch_model_failure_does_not_raise(tmp_path: Path, monkeypatch, c
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     run = Run("train@ddpm", "ddpm")
-    run.log_pytorch_model(tmp_path / "missing" / "model.pt")  # warns, goes on
+    run.log_pytorch_model(tmp_path / "missing" / "model.pt", "ddpm")  # warns, goes on
     assert run._warned
     assert "MLflow logging failed" in capsys.readouterr().err
     run.finish()

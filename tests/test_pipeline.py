@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.helpers import TINY_PARAMS, make_scratch_repo, stage_env
@@ -26,7 +27,9 @@ pytestmark = pytest.mark.slow  # real `dvc repro` runs
 
 
 def dvc(root: Path, *args: str) -> str:
-    result = subprocess.run(["dvc", *args], cwd=root, env=stage_env(root), capture_output=True,
+    # System metrics sampled every second, so the tiny stages' runs get some.
+    env = {**stage_env(root), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    result = subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
@@ -62,12 +65,13 @@ def test_first_repro_runs_every_stage_and_writes_every_output(pipeline):
         assert samples.shape == (TINY_PARAMS["sample"]["n_samples"], 28, 28)
         assert samples.dtype == np.uint8
         metrics = json.loads((root / "results/evaluate" / model / "metrics.json").read_text())
+        detail = json.loads((root / "results/evaluate" / model / "detail.json").read_text())
         assert metrics["n_samples"] == TINY_PARAMS["evaluate"]["n_samples"]
         assert 0 < metrics["heldout_loss"] < 2
         # psnr_t holds fractions of n_T = 10: t = 2, 5, 9.
-        assert all(f"psnr_t{t}" in metrics for t in (2, 5, 9))
+        assert all(f"psnr_t{t}" in detail for t in (2, 5, 9))
         # A less noisy input gives a better one-step estimate of x0.
-        assert metrics["psnr_t2"] > metrics["psnr_t9"]
+        assert detail["psnr_t2"] > detail["psnr_t9"]
         for group in ("quality", "floor"):
             assert np.isfinite(metrics[group]["fid"]) and 0 <= metrics[group]["precision"] <= 1
     assert json.loads((root / "results/classifier/metrics.json").read_text())["test_accuracy"] > 0.9
@@ -85,7 +89,7 @@ def test_dvc_metrics_and_plots_see_the_outputs(pipeline):
     assert "ddgm" in dvc(root, "params", "diff", "--all")
 
 
-def test_mlflow_holds_tagged_runs_with_evaluation_on_the_training_run(pipeline):
+def test_mlflow_holds_tagged_runs_with_user_source_and_nesting(pipeline):
     root, _ = pipeline
     from mlflow.tracking import MlflowClient
 
@@ -97,17 +101,89 @@ def test_mlflow_holds_tagged_runs_with_evaluation_on_the_training_run(pipeline):
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.tags["git_commit"] not in ("", "unknown")
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run.data.tags["mlflow.source.name"].endswith(f"{run.data.tags['stage'].split('@')[0]}.py")
     for model in ("ddpm", "ddgm"):
         train_run = by_stage[f"train@{model}"]
         assert train_run.data.tags["model"] == model
-        assert {"train_loss", "heldout_loss", "images_per_s"} <= set(train_run.data.metrics)
-        assert "quality_fid" in train_run.data.metrics  # evaluation lands on the model's run
         run_id = json.loads((root / "models" / model / "run.json").read_text())["run_id"]
         assert run_id == train_run.info.run_id
+        for stage in ("sample", "evaluate"):
+            assert by_stage[f"{stage}@{model}"].data.tags["mlflow.parentRunId"] == run_id
+
+
+def headline_metrics(run) -> set[str]:
+    return {key for key in run.data.metrics if not key.startswith("system/")}
+
+
+def test_mlflow_metrics_are_the_headline_ones_and_training_curves_stay_within_the_epochs(pipeline):
+    """Evaluation never lands on the training curves; detail goes to tables, not metrics."""
+    root, _ = pipeline
+    from mlflow.tracking import MlflowClient
+
+    from diffusion.evaluation import HEADLINE
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-diffusion")
+    by_stage = {run.data.tags["stage"]: run
+                for run in client.search_runs([experiment.experiment_id], max_results=100)}
+    epochs = TINY_PARAMS["train"]["epochs"]
+    for model in ("ddpm", "ddgm"):
+        train_run = by_stage[f"train@{model}"]
+        assert headline_metrics(train_run) == {"train_loss", "heldout_loss", "images_per_s"}
+        for key in headline_metrics(train_run):
+            steps = [m.step for m in client.get_metric_history(train_run.info.run_id, key)]
+            assert steps and all(1 <= step <= epochs for step in steps), (key, steps)
         evaluate_run = by_stage[f"evaluate@{model}"]
-        assert evaluate_run.data.tags["mlflow.parentRunId"] == run_id
-        artifacts = {a.path for a in client.list_artifacts(run_id)}
-        assert "grids" in artifacts
+        assert headline_metrics(evaluate_run) == {"heldout_loss", *HEADLINE,
+                                                  *(f"floor_{k}" for k in HEADLINE)}
+        tables = {a.path for a in client.list_artifacts(evaluate_run.info.run_id)}
+        assert {"class_balance.json", "psnr.json", "metrics.json", "detail.json"} <= tables
+    classifier_run = by_stage["classifier"]
+    assert headline_metrics(classifier_run) == {"train_loss", "train_accuracy", "test_accuracy"}
+    steps = [m.step for m in client.get_metric_history(classifier_run.info.run_id, "train_loss")]
+    assert steps == list(range(1, TINY_PARAMS["classifier"]["epochs"] + 1))
+    assert headline_metrics(by_stage["sweep"]) == {
+        "floor_fid", *(f"fid_{m}_{s}" for s in ("ancestral", "ddim") for m in ("ddpm", "ddgm"))}
+    metrics_file = json.loads((root / "results/evaluate/ddpm/metrics.json").read_text())
+    assert len(metrics_file) + len(metrics_file["quality"]) + len(metrics_file["floor"]) < 20
+
+
+def test_mlflow_training_run_has_image_steps_datasets_system_metrics_and_a_registered_model(pipeline):
+    root, _ = pipeline
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    import diffusion
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mnist-diffusion")
+    by_stage = {run.data.tags["stage"]: run
+                for run in client.search_runs([experiment.experiment_id], max_results=100)}
+    for model in ("ddpm", "ddgm"):
+        run = by_stage[f"train@{model}"]
+        run_id = run.info.run_id
+        images = [a.path for a in client.list_artifacts(run_id, "images")]
+        assert any(path.startswith("images/samples+step+1+") and path.endswith(".png") for path in images), images
+        datasets = {(d.dataset.name, d.dataset.digest): {t.key: t.value for t in d.tags}
+                    for d in run.inputs.dataset_inputs}
+        names = {name: tags for (name, _), tags in datasets.items()}
+        assert names["MNIST train"]["mlflow.data.context"] == "training"
+        assert names["MNIST train"]["images"] == f"the first {TINY_PARAMS['data']['train_subset']} of 60000"
+        assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)
+        [logged] = client.search_logged_models([experiment.experiment_id],
+                                               filter_string=f"source_run_id = '{run_id}'")
+        assert logged.name == model
+        info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
+        assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
+        assert info.signature.params.to_dict()[0]["name"] == "t"
+        [version] = client.search_model_versions(f"name = '{model}'")
+        assert version.run_id == run_id
+        loaded = diffusion.load_from_mlflow(f"models:/{model}/{version.version}", device="cpu",
+                                            tracking_uri=uri)
+        reference = diffusion.load(root / "models" / model / "model.pt", device="cpu")
+        assert torch.equal(loaded.sample(4, steps=3, seed=1), reference.sample(4, steps=3, seed=1))
 
 
 def test_second_repro_runs_nothing(pipeline):

@@ -14,7 +14,7 @@ from PIL import Image
 from diffusion import report
 from diffusion.classifier import MnistClassifier, save_classifier
 from diffusion.data import to_uint8
-from diffusion.evaluation import degradation, reverse_trajectory
+from diffusion.evaluation import degradation, reverse_trajectory, split_headline
 from diffusion.metrics import quality_metrics
 from diffusion.model import load, save_model
 from diffusion.network import DenoiserCNN
@@ -68,8 +68,9 @@ def make_inputs(root, model_n_T: int = N_T) -> None:
         np.save(root / "results/sample" / name / "samples.npy",
                 rng.integers(0, 256, (20, 28, 28), dtype=np.uint8))
         (root / "results/evaluate" / name).mkdir(parents=True)
-        (root / "results/evaluate" / name / "metrics.json").write_text(
-            json.dumps(fake_metrics(seed=len(name) + (name == "ddgm"))))
+        headline, detail = split_headline(fake_metrics(seed=len(name) + (name == "ddgm")))
+        (root / "results/evaluate" / name / "metrics.json").write_text(json.dumps(headline))
+        (root / "results/evaluate" / name / "detail.json").write_text(json.dumps(detail))
     torch.manual_seed(0)
     save_classifier(MnistClassifier(), root / "models/classifier/classifier.pt")
 

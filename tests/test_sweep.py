@@ -29,7 +29,7 @@ from tests.helpers import REPO, TINY_PARAMS, merge, write_synthetic_mnist
 
 STEPS = [1, 3, 10]
 COLUMNS = ["ddpm_ancestral", "ddgm_ancestral", "ddpm_ddim", "ddgm_ddim"]
-OUTPUTS = ["table.json", "fid.csv", "table.md", "fid_vs_steps.png"]
+OUTPUTS = ["table.json", "cells.json", "fid.csv", "table.md", "fid_vs_steps.png"]
 TINY = {**TINY_PARAMS,  # the pipeline tests' tiny values (n_T = 10), with this sweep
         "sweep": {"steps": STEPS, "samplers": ["ancestral", "ddim"], "n_samples": 16, "eta": 0.0,
                   "batch_size": 8}}
@@ -127,8 +127,8 @@ def test_plot_is_a_png(tmp_path):
 
 
 # ------------------------------------------------------------------ the stage on tiny inputs
-def test_table_json_has_every_cell_with_finite_metrics(swept):
-    table = json.loads((swept / "results/sweep/table.json").read_text())
+def test_cells_json_has_every_cell_with_finite_metrics(swept):
+    table = json.loads((swept / "results/sweep/cells.json").read_text())
     assert table["n_samples"] == 16
     assert math.isfinite(table["floor"]["fid"])
     for c in COLUMNS:
@@ -142,7 +142,7 @@ def test_table_json_has_every_cell_with_finite_metrics(swept):
 def test_samplers_agree_at_one_step_and_differ_beyond(swept):
     # One step from x_T to x_0 is x0_hat(x_T) for both samplers (no noise on the last step); the
     # same seed gives the same x_T. With more steps the ancestral noise makes them differ.
-    table = json.loads((swept / "results/sweep/table.json").read_text())
+    table = json.loads((swept / "results/sweep/cells.json").read_text())
     for model in ("ddpm", "ddgm"):
         ancestral, ddim = table[f"{model}_ancestral"], table[f"{model}_ddim"]
         assert ancestral["1"]["fid"] == pytest.approx(ddim["1"]["fid"], rel=1e-6)
@@ -153,7 +153,7 @@ def test_fid_csv_is_the_plot_data(swept):
     rows = list(csv.DictReader((swept / "results/sweep/fid.csv").open()))
     assert list(rows[0]) == ["steps", *COLUMNS]
     assert [int(r["steps"]) for r in rows] == STEPS
-    table = json.loads((swept / "results/sweep/table.json").read_text())
+    table = json.loads((swept / "results/sweep/cells.json").read_text())
     for row in rows:
         for c in COLUMNS:
             assert float(row[c]) == pytest.approx(table[c][row["steps"]]["fid"])
@@ -171,16 +171,32 @@ def test_table_md_and_png(swept):
     assert sorted(p.name for p in (swept / "results/sweep").iterdir()) == sorted(OUTPUTS)
 
 
-def test_mlflow_run_holds_metrics_and_artifacts(swept):
+def test_table_json_is_the_fids_for_dvc_and_cells_json_the_rest(swept):
+    """dvc exp show stays readable: the metrics file DVC shows holds the FIDs only."""
+    table = json.loads((swept / "results/sweep/table.json").read_text())
+    cells = json.loads((swept / "results/sweep/cells.json").read_text())
+    assert set(table) == {"n_samples", "floor_fid", *COLUMNS}
+    assert table["floor_fid"] == cells["floor"]["fid"]
+    for c in COLUMNS:
+        assert table[c] == {s: cell["fid"] for s, cell in cells[c].items()}
+
+
+def test_mlflow_run_holds_fid_curves_and_the_cells_as_a_table(swept):
     client, runs = mlflow_runs(swept)
     [run] = [r for r in runs if r.data.tags["stage"] == "sweep"]
     assert run.info.status == "FINISHED"
-    metrics = run.data.metrics
-    for c in COLUMNS:
-        for s in STEPS:
-            assert math.isfinite(metrics[f"fid_{c}_{s}"]) and f"seconds_{c}_{s}" in metrics
-    assert "floor_fid" in metrics and run.data.params["sweep.n_samples"] == "16"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == set(OUTPUTS)
+    assert set(run.data.metrics) == {"floor_fid", *(f"fid_{c}" for c in COLUMNS)}
+    cells = json.loads((swept / "results/sweep/cells.json").read_text())
+    for c in COLUMNS:  # FID against steps: one point per step count
+        history = client.get_metric_history(run.info.run_id, f"fid_{c}")
+        assert sorted(m.step for m in history) == STEPS
+        assert all(m.value == pytest.approx(cells[c][str(m.step)]["fid"]) for m in history)
+    assert run.data.params["sweep.n_samples"] == "16"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {*OUTPUTS, "cells_table.json"}
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "cells_table.json",
+                                                       str(swept / "downloaded"))).read_text())
+    assert set(logged["columns"]) >= {"row", "steps", "fid", "kid_mean", "seconds"}
+    assert len(logged["data"]) == len(COLUMNS) * len(STEPS)
 
 
 def test_step_counts_beyond_a_models_n_T_run_all_its_steps(tmp_path, monkeypatch, capsys):
