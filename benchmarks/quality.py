@@ -30,7 +30,7 @@ from diffusion.evaluation import Reference
 from diffusion.io import save_json
 from diffusion.mnist import load_mnist, random_subset
 from diffusion.model import DiffusionModel
-from diffusion.network import PRECISIONS, DenoiserCNN, resolve_precision
+from diffusion.network import PRECISIONS, make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.sampling import SAMPLERS
 from diffusion.training import TrainConfig, TrainState, make_state, train
@@ -77,7 +77,7 @@ def main() -> None:
                          holdout_subset=1000, seed=seed, precision=precision)
     process = make_process(params[args.model])
     torch.manual_seed(seed)
-    net = DenoiserCNN(**params["net"])
+    net = make_network(params["net"])
     state = make_state(net, config, device)
     train_images = load_mnist(RAW_DIR, train=True)[0].to(device)
     test_images = load_mnist(RAW_DIR, train=False)[0].to(device)

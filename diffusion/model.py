@@ -18,7 +18,7 @@ from torch import nn
 
 from diffusion.data import to_model_range, to_uint8
 from diffusion.io import load_torch, save_torch
-from diffusion.network import DenoiserCNN, autocast, resolve_precision
+from diffusion.network import autocast, make_network, resolve_precision
 from diffusion.process import NoiseProcess, make_process
 from diffusion.sampling import sample
 
@@ -48,7 +48,7 @@ class DiffusionModel(nn.Module):
     The process is a submodule: ``.to(device)`` moves its schedules with the weights.
     """
 
-    def __init__(self, net: DenoiserCNN, process: NoiseProcess, config: dict | None = None,
+    def __init__(self, net: nn.Module, process: NoiseProcess, config: dict | None = None,
                  precision: str = "auto") -> None:
         super().__init__()
         resolve_precision(precision, "cpu")  # reject an unknown value here, not at first use
@@ -71,11 +71,17 @@ class DiffusionModel(nn.Module):
         return t
 
     def forward(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """eps_theta(x_t, t): the noise estimate, float (N, 1, 28, 28)."""
+        """eps_theta(x_t, t): the noise estimate, float (N, 1, 28, 28), whatever the network's
+        target (``NoiseProcess.eps_and_x0``)."""
+        return self._estimates(x_t, t)[0]
+
+    def _estimates(self, x_t: torch.Tensor, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat) at (x_t, t), from the network's prediction of its target."""
         t = self._timesteps(t, x_t.shape[0])
+        x_t = x_t.to(self.device, torch.float32)
         with autocast(self.device, self.precision):
-            eps = self.net(x_t.to(self.device, torch.float32), t.float() / self.process.n_T)
-        return eps.float()
+            prediction = self.net(x_t, t.float() / self.process.n_T)
+        return self.process.eps_and_x0(x_t, t, prediction.float())
 
     @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, sampler: str = "ancestral",
@@ -100,12 +106,9 @@ class DiffusionModel(nn.Module):
 
     @torch.no_grad()
     def denoise(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """One-step estimate of the clean image x0 from x_t (Ho et al. 2020, eq. 15):
-        x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_bar_t).
-        """
-        t = self._timesteps(t, x_t.shape[0])
-        return self.process.predict_x0(x_t.to(self.device, torch.float32), t,
-                                       self.predict_noise(x_t, t))
+        """One-step estimate of the clean image x0 from x_t (Ho et al. 2020, eq. 15, for an eps
+        network: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_bar_t))."""
+        return self._estimates(x_t, t)[1]
 
     @torch.no_grad()
     def corrupt(self, x0: torch.Tensor, t: int | torch.Tensor, *, seed: int = 0) -> torch.Tensor:
@@ -133,7 +136,7 @@ def load(path: Path | str, device: torch.device | str | None = None,
     device = torch.device(device) if device is not None else default_device()
     state = load_torch(path, expect=("config", "ema", "net"), kind="model file of the train stage")
     config = state["config"]
-    net = DenoiserCNN(tuple(config["net"]["hidden"]), config["net"]["activation"])
+    net = make_network(config["net"])
     net.load_state_dict(state[weights])
     return DiffusionModel(net, make_process(config["process"]), config, precision).to(device).eval()
 

@@ -1,10 +1,17 @@
-"""The denoiser: the seed coursework's small CNN, which predicts eps from (x_t, t).
+"""The denoisers, which predict their target (eps, x0 or v) from (x_t, t / n_T).
 
-Each block is a 7x7 convolution, LayerNorm over the whole (C, 28, 28) feature map, and an
-activation. The timestep enters once, after the first block, as a sinusoidal encoding of
-t / n_T passed through a small MLP and added to every pixel of the first block's output
-(a transformer-style encoding, Vaswani et al. 2017, used as in Ho et al. 2020). A final 3x3
-convolution maps back to one channel. The network knows nothing of the noise process.
+- ``DenoiserCNN``, the seed coursework's small CNN: each block is a 7x7 convolution, LayerNorm
+  over the whole (C, 28, 28) feature map, and an activation. The timestep enters once, after
+  the first block, as a sinusoidal encoding of t / n_T passed through a small MLP and added to
+  every pixel of the first block's output (a transformer-style encoding, Vaswani et al. 2017,
+  used as in Ho et al. 2020). A final 3x3 convolution maps back to one channel. It never
+  down-samples: its receptive field is 27 pixels.
+- ``UNet``, a small U-Net for 28 x 28 digits (Ronneberger et al. 2015, as Ho et al. 2020 use
+  it): two resolutions (28 and 14), residual blocks with GroupNorm whose every block adds the
+  time embedding, self-attention at the lower resolution, skip connections across.
+
+The networks know nothing of the noise process; ``make_network`` builds one from params.yaml's
+``net`` section.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -111,3 +119,115 @@ class DenoiserCNN(nn.Module):
         for block in self.blocks[1:]:
             h = block(h)
         return self.head(h)
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm -> act -> 3x3 conv, + the time embedding, GroupNorm -> act -> 3x3 conv, plus a
+    (1x1-projected) skip: the residual block of Ho et al. (2020), appendix B."""
+
+    def __init__(self, in_channels: int, out_channels: int, embedding: int,
+                 activation: type[nn.Module], groups: int = 8) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(math.gcd(groups, in_channels), in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time = nn.Linear(embedding, out_channels)
+        self.norm2 = nn.GroupNorm(math.gcd(groups, out_channels), out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = (nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels
+                     else nn.Identity())
+        self.act = activation()
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x))) + self.time(embedding)[:, :, None, None]
+        return self.skip(x) + self.conv2(self.act(self.norm2(h)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual."""
+
+    def __init__(self, channels: int, heads: int = 4, groups: int = 8) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        attended = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
+                                                  v.transpose(-1, -2))
+        return x + self.out(attended.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """A small U-Net for 1 x 28 x 28 images; ``t`` is the timestep divided by n_T.
+
+    ``channels`` = (c28, c14): the widths at 28 x 28 and at 14 x 14; ``blocks`` residual blocks
+    per resolution on the way down (one more on the way up, which also takes the skip);
+    ``attention`` adds self-attention in the middle, at 14 x 14. The output convolution starts
+    at zero, so the untrained network predicts 0 (improved-diffusion does the same).
+    """
+
+    def __init__(self, channels: tuple[int, int] = (64, 128), blocks: int = 1,
+                 attention: bool = True, activation: str = "silu", in_channels: int = 1) -> None:
+        super().__init__()
+        if len(channels) != 2:
+            raise ValueError(f"channels must give two widths (28 x 28, 14 x 14), got {channels}")
+        c0, c1 = channels
+        act, embedding = ACTIVATIONS[activation], 4 * c0
+        self.time_encoding = TimeEncoding(embedding, act, width=embedding)
+        self.stem = nn.Conv2d(in_channels, c0, 3, padding=1)
+        self.down0 = nn.ModuleList(ResidualBlock(c0, c0, embedding, act) for _ in range(blocks))
+        self.downsample = nn.Conv2d(c0, c0, 3, stride=2, padding=1)  # 28 -> 14
+        self.down1 = nn.ModuleList(ResidualBlock(c0 if i == 0 else c1, c1, embedding, act)
+                                   for i in range(blocks))
+        self.middle = nn.ModuleList([ResidualBlock(c1, c1, embedding, act),
+                                     ResidualBlock(c1, c1, embedding, act)])
+        self.attention = SelfAttention(c1) if attention else nn.Identity()
+        self.up1 = nn.ModuleList(ResidualBlock(2 * c1 if i == 0 else c1, c1, embedding, act)
+                                 for i in range(blocks + 1))
+        self.upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                      nn.Conv2d(c1, c1, 3, padding=1))  # 14 -> 28
+        self.up0 = nn.ModuleList(ResidualBlock(c1 + c0 if i == 0 else c0, c0, embedding, act)
+                                 for i in range(blocks + 1))
+        self.head = nn.Sequential(nn.GroupNorm(math.gcd(8, c0), c0), act(),
+                                  nn.Conv2d(c0, in_channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_encoding(t)
+        h = self.stem(x)
+        for block in self.down0:
+            h = block(h, emb)
+        skip0 = h
+        h = self.downsample(h)
+        for block in self.down1:
+            h = block(h, emb)
+        skip1 = h
+        h = self.attention(self.middle[0](h, emb))
+        h = self.middle[1](h, emb)
+        h = torch.cat([h, skip1], dim=1)
+        for block in self.up1:
+            h = block(h, emb)
+        h = torch.cat([self.upsample(h), skip0], dim=1)
+        for block in self.up0:
+            h = block(h, emb)
+        return self.head(h)
+
+
+NETWORKS = ("cnn", "unet")
+
+
+def make_network(config: dict) -> nn.Module:
+    """The network of params.yaml's ``net`` section (or a model file's copy of it): ``kind``
+    ``cnn`` uses ``hidden`` and ``activation``; ``unet`` uses ``channels``, ``blocks``,
+    ``attention`` and ``activation``. A section without ``kind`` is the seed's CNN."""
+    kind = config.get("kind", "cnn")
+    if kind == "cnn":
+        return DenoiserCNN(tuple(config["hidden"]), config["activation"])
+    if kind == "unet":
+        return UNet(tuple(config["channels"]), config["blocks"], config["attention"],
+                    config["activation"])
+    raise ValueError(f"unknown network {kind!r}: allowed are {', '.join(map(repr, NETWORKS))}")

@@ -4,8 +4,9 @@ Both models share the forward corruption of Ho et al. (2020), eq. 4,
 
     x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps,
 
-with a linear beta schedule, and both train the network to predict eps. They differ only in
-the distribution of the standardised noise eps (mean 0, variance 1):
+with a beta schedule (``linear``, Ho et al. section 4, or ``cosine``, Nichol and Dhariwal 2021
+eq. 17) and a prediction target (``eps``, Ho et al. eq. 14; ``x0``; or ``v``, Salimans and Ho
+2022). They differ only in the distribution of the standardised noise eps (mean 0, variance 1):
 
 - ``GaussianProcess`` (DDPM, Ho et al. 2020): eps ~ N(0, I).
 - ``GammaProcess`` (DDGM, Nachmani, San Roman and Wolf 2021, section 3): with
@@ -16,13 +17,23 @@ the distribution of the standardised noise eps (mean 0, variance 1):
   (G - k_bar_t) / sqrt(k_bar_t) with G ~ Gamma(k_bar_t, 1): unit variance, skewness
   2 / sqrt(k_bar_t).
 
+The identity k_bar_t theta_t^2 = 1 - alpha_bar_t holds for any beta schedule (the sum of
+beta_i / alpha_bar_i telescopes to 1 / alpha_bar_t - 1), so the Gamma noise is exact on the
+cosine schedule too, within the theta_0 range ``check`` computes for it.
+
 The samplers also draw their reverse-step noise through ``noise``: Gaussian noise for DDPM,
 and for DDGM the standardised Gamma noise of the timestep being stepped to (the paper's
 Algorithm 2). Timesteps run from 1 to n_T; index 0 of every schedule array is t = 0 (clean).
+
+Targets: with a = sqrt(alpha_bar_t) and s = sqrt(1 - alpha_bar_t) (a^2 + s^2 = 1), the network
+predicts eps, x0, or v = a eps - s x0, and ``eps_and_x0`` turns any of them into both
+estimates: x0 = (x_t - s eps) / a and eps = (x_t - a x0) / s; from v, x0 = a x_t - s v and
+eps = s x_t + a v. These hold for either noise law, which only changes the law of eps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +45,30 @@ MIN_FINAL_NOISE = 1e-3    # 1 - alpha_bar_T below it: x_T is the image, not nois
 MIN_GAMMA_SHAPE = 1e-3    # k_bar_1 below it: Gamma draws lose their mean and variance (float64)
 MAX_GAMMA_SHAPE = 1e16    # k_bar_T above it: (G - k_bar) in float64 steps by 2^-52 sqrt(k_bar) > 2e-8,
                           # within a few float32 spacings of eps near 1 (1.2e-7): draws collide
+SCHEDULES = ("linear", "cosine")
+TARGETS = ("eps", "x0", "v")
+COSINE_OFFSET = 0.008     # Nichol and Dhariwal (2021), section 3.2: s, so beta_1 is not tiny
+MAX_BETA = 0.999          # ... and the clipping of beta_t near t = T, where alpha_bar -> 0
+
+
+def beta_schedule(kind: str, n_T: int, betas: Sequence[float] = (1e-4, 0.02)) -> torch.Tensor:
+    """beta_0..beta_T in float64 (beta_0 = 0: t = 0 is the clean image).
+
+    ``linear``: from beta_1 to beta_T = ``betas`` (Ho et al. 2020, section 4). ``cosine``:
+    alpha_bar_t = f(t) / f(0) with f(t) = cos((t / T + s) / (1 + s) * pi / 2)^2 and
+    beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, 0.999) (Nichol and Dhariwal 2021, eq. 17);
+    ``betas`` are not used.
+    """
+    beta = torch.zeros(n_T + 1, dtype=torch.float64)
+    if kind == "linear":
+        beta[1:] = torch.linspace(betas[0], betas[1], n_T, dtype=torch.float64)
+    elif kind == "cosine":
+        t = torch.arange(n_T + 1, dtype=torch.float64)
+        f = torch.cos((t / n_T + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+        beta[1:] = (1.0 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
+    else:
+        raise ValueError(f"unknown schedule {kind!r}: allowed are {', '.join(map(repr, SCHEDULES))}")
+    return beta
 
 
 def timesteps_at(fractions: Sequence[float], n_T: int, lowest: int = 0) -> list[int]:
@@ -54,7 +89,8 @@ class ScheduleError(ValueError):
 
 
 class NoiseProcess(nn.Module):
-    """A diffusion process with a linear beta schedule over ``n_T`` steps.
+    """A diffusion process over ``n_T`` steps: its beta schedule, its prediction target, and
+    (in subclasses) its noise law.
 
     Subclasses define only ``noise``. The schedules are float64 buffers indexed by t = 0..n_T,
     so ``.to(device)`` moves them with the module and they are copied to the device once, not
@@ -64,14 +100,14 @@ class NoiseProcess(nn.Module):
 
     name: str = ""
 
-    def __init__(self, betas: tuple[float, float], n_T: int) -> None:
+    def __init__(self, betas: tuple[float, float], n_T: int, *, schedule: str = "linear",
+                 target: str = "eps") -> None:
         super().__init__()
-        beta_1, beta_T = betas
-        self.n_T = int(n_T)
-        self.beta_range = (float(beta_1), float(beta_T))
-        beta = torch.zeros(self.n_T + 1, dtype=torch.float64)
-        # Ho et al. (2020), section 4: beta_t linear from beta_1 to beta_T.
-        beta[1:] = torch.linspace(beta_1, beta_T, self.n_T, dtype=torch.float64)
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}: allowed are {', '.join(map(repr, TARGETS))}")
+        self.n_T, self.schedule, self.target = int(n_T), schedule, target
+        self.beta_range = (float(betas[0]), float(betas[1]))
+        beta = beta_schedule(schedule, self.n_T, self.beta_range)
         self.register_buffer("beta", beta, persistent=False)
         self.register_buffer("alpha", 1.0 - beta, persistent=False)
         self.register_buffer("alpha_bar", torch.cumprod(1.0 - beta, dim=0),  # alpha_bar_0 = 1
@@ -103,14 +139,16 @@ class NoiseProcess(nn.Module):
         raise NotImplementedError
 
     # --- shared maths --------------------------------------------------------------------------
-    def _at(self, schedule: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``schedule[t]`` in ``like``'s dtype, shaped to broadcast over its batch rows."""
-        return schedule[t].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+    def _a_s(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a = sqrt(alpha_bar_t) and s = sqrt(1 - alpha_bar_t), taken in float64 (as the samplers'
+        coefficient tables are) and cast to ``like``'s dtype, shaped to broadcast over its rows."""
+        alpha_bar = self.alpha_bar[t].view(-1, *[1] * (like.dim() - 1))
+        return alpha_bar.sqrt().to(like.dtype), (1.0 - alpha_bar).sqrt().to(like.dtype)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Forward corruption x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho eq. 4)."""
-        alpha_bar = self._at(self.alpha_bar, t, x0)
-        return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * eps
+        a, s = self._a_s(t, x0)
+        return a * x0 + s * eps
 
     def corrupt(self, x0: torch.Tensor, t: torch.Tensor, *,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,14 +156,31 @@ class NoiseProcess(nn.Module):
         eps = self.noise(t, x0.shape, generator=generator)
         return self.q_sample(x0, t, eps), eps
 
-    def training_target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """What the network learns to predict: the noise eps (Ho eq. 14; DDGM Algorithm 1)."""
-        return eps
+    def training_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network learns to predict from x_t = a x0 + s eps: eps (Ho eq. 14; DDGM
+        Algorithm 1), x0, or v = a eps - s x0 (Salimans and Ho 2022, section 4)."""
+        if self.target == "eps":
+            return eps
+        if self.target == "x0":
+            return x0
+        a, s = self._a_s(t, x0)
+        return a * eps - s * x0
+
+    def eps_and_x0(self, x_t: torch.Tensor, t: torch.Tensor,
+                   prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's ``prediction`` of the target at (x_t, t) as (eps_hat, x0_hat), the two
+        estimates every sampler step and the x0 estimate use (see the module doc)."""
+        a, s = self._a_s(t, x_t)
+        if self.target == "eps":
+            return prediction, (x_t - s * prediction) / a
+        if self.target == "x0":
+            return (x_t - a * prediction) / s, prediction
+        return s * x_t + a * prediction, a * x_t - s * prediction
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert eq. 4 for x0 given a noise estimate: the one-step estimate of the clean image."""
-        alpha_bar = self._at(self.alpha_bar, t, x_t)
-        return (x_t - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        a, s = self._a_s(t, x_t)
+        return (x_t - s * eps) / a
 
     def prior(self, shape: tuple[int, ...], *,
               generator: torch.Generator | None = None) -> torch.Tensor:
@@ -141,7 +196,8 @@ class NoiseProcess(nn.Module):
     def config(self) -> dict:
         """Plain values that rebuild this process with ``make_process``: a params.yaml model
         section."""
-        return {"noise": self.name, "betas": list(self.beta_range), "n_T": self.n_T}
+        return {"noise": self.name, "schedule": self.schedule, "target": self.target,
+                "betas": list(self.beta_range), "n_T": self.n_T}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self.config().items())
@@ -161,9 +217,10 @@ class GammaProcess(NoiseProcess):
 
     name = "gamma"
 
-    def __init__(self, betas: tuple[float, float], n_T: int, theta_0: float) -> None:
+    def __init__(self, betas: tuple[float, float], n_T: int, theta_0: float, *,
+                 schedule: str = "linear", target: str = "eps") -> None:
         self.theta_0 = float(theta_0)
-        super().__init__(betas, n_T)
+        super().__init__(betas, n_T, schedule=schedule, target=target)
         # DDGM section 3: k_t = beta_t / (alpha_bar_t theta_0^2), theta_t = sqrt(alpha_bar_t) theta_0.
         k_bar = self._k_bar_per_unit_theta() / self.theta_0 ** 2  # k_bar_0 = 0: no noise at t = 0
         self.register_buffer("k_bar", k_bar, persistent=False)
@@ -208,11 +265,13 @@ NOISES = ("gaussian", "gamma")  # the noise laws a params.yaml model section can
 
 def make_process(config: dict) -> NoiseProcess:
     """Build a process from a params.yaml model section or ``NoiseProcess.config()`` output:
-    ``{"noise": "gaussian" | "gamma", "betas": [beta_1, beta_T], "n_T": ..., "theta_0": ...}``
-    (``theta_0`` for Gamma noise only)."""
+    ``{"noise": "gaussian" | "gamma", "schedule": "linear" | "cosine", "target": "eps" | "x0" |
+    "v", "betas": [beta_1, beta_T], "n_T": ..., "theta_0": ...}`` (``theta_0`` for Gamma noise
+    only; schedule and target default to the seed's linear and eps)."""
     kind = config.get("noise")
+    options = {"schedule": config.get("schedule", "linear"), "target": config.get("target", "eps")}
     if kind == "gaussian":
-        return GaussianProcess(tuple(config["betas"]), config["n_T"])
+        return GaussianProcess(tuple(config["betas"]), config["n_T"], **options)
     if kind == "gamma":
-        return GammaProcess(tuple(config["betas"]), config["n_T"], config["theta_0"])
+        return GammaProcess(tuple(config["betas"]), config["n_T"], config["theta_0"], **options)
     raise ValueError(f"unknown noise {kind!r}: allowed are {', '.join(map(repr, NOISES))}")

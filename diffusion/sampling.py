@@ -119,8 +119,8 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
     process.to(device)
     run = plan(process, steps or process.n_T, sampler, eta)
     p, q = run.x0_form()
-    a, b, c, p, q, sqrt_ab, s = (coef.to(device=device, dtype=torch.float32)
-                                 for coef in (run.a, run.b, run.c, p, q, run.sqrt_ab, run.s))
+    a, b, c, p, q = (coef.to(device=device, dtype=torch.float32)
+                     for coef in (run.a, run.b, run.c, p, q))
     batch_size = batch_size or n
     was_training = net.training
     net.eval()
@@ -133,9 +133,9 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
         for i, (t, t_prev) in enumerate(zip(run.timesteps, run.previous)):
             t_batch = torch.full((size,), t, device=device, dtype=torch.long)
             with autocast(device, precision):  # x, a, b, c and the noise stay float32
-                eps = net(x, t_batch.float() / process.n_T).float()
+                prediction = net(x, t_batch.float() / process.n_T).float()
+            eps, x0_hat = process.eps_and_x0(x, t_batch, prediction)  # from the net's target
             if clip_x0:
-                x0_hat = (x - s[i] * eps) / sqrt_ab[i]
                 x = p[i] * x0_hat.clamp(-1.0, 1.0) + q[i] * x
             else:
                 x = a[i] * x + b[i] * eps

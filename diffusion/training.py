@@ -141,11 +141,12 @@ def noise_generator(device: torch.device, seed: int, epoch: int, rank: int) -> t
 
 def denoising_loss(net: nn.Module, process: NoiseProcess, x0: torch.Tensor, t: torch.Tensor,
                    eps: torch.Tensor, precision: str = "auto") -> torch.Tensor:
-    """MSE between the network's prediction at x_t and the process's target (Ho eq. 14)."""
+    """MSE between the network's prediction at x_t and the process's target: eps (Ho eq. 14),
+    x0 or v, each weighted alike."""
     x_t = process.q_sample(x0, t, eps)
     with autocast(x0.device, precision):
         prediction = net(x_t, t.float() / process.n_T)
-    return torch.mean((prediction.float() - process.training_target(x0, eps)) ** 2)
+    return torch.mean((prediction.float() - process.training_target(x0, eps, t)) ** 2)
 
 
 @torch.no_grad()

@@ -32,8 +32,9 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from diffusion.mnist import N_TEST, N_TRAIN
-from diffusion.network import ACTIVATIONS, PRECISIONS
-from diffusion.process import GammaProcess, GaussianProcess, ScheduleError, make_process
+from diffusion.network import ACTIVATIONS, NETWORKS, PRECISIONS
+from diffusion.process import (SCHEDULES, TARGETS, GammaProcess, GaussianProcess, ScheduleError,
+                               make_process)
 from diffusion.sampling import SAMPLERS
 
 PARAMS_FILE = "params.yaml"
@@ -118,8 +119,23 @@ class Data(Section):
     local_dir: str
 
 
+def _multiples_of_8(widths: list[int]) -> list[int]:
+    if len(widths) != 2 or any(w % 8 for w in widths):
+        raise ValueError("not two multiples of 8")
+    return widths
+
+
 class Net(Section):
+    """``kind`` picks the network; ``hidden`` is the CNN's, ``channels``, ``blocks`` and
+    ``attention`` the U-Net's; ``activation`` is both's."""
+
+    kind: Literal[NETWORKS]
     hidden: NonEmpty(Int(1, 1024))
+    channels: Annotated[list[Int(8, 1024)], AfterValidator(_multiples_of_8), Allowed(
+        "a list [c28, c14] of two multiples of 8 in [8, 1024]: the U-Net's widths at 28 x 28 "
+        "and at 14 x 14 (GroupNorm in groups of 8)")]
+    blocks: Int(1, 8)
+    attention: bool
     activation: Literal[tuple(ACTIVATIONS)]
 
 
@@ -127,6 +143,8 @@ class GaussianModel(Section):
     """A DDPM model: Gaussian noise on a linear schedule."""
 
     noise: Literal[GaussianProcess.name]
+    schedule: Literal[SCHEDULES]
+    target: Literal[TARGETS]
     betas: Betas
     n_T: Int(1, MAX_N_T, "schedules grow with n_T")
 

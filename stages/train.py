@@ -24,7 +24,7 @@ from diffusion import distributed
 from diffusion.data import grid_image
 from diffusion.io import save_json
 from diffusion.model import default_device, save_model
-from diffusion.network import DenoiserCNN, resolve_precision
+from diffusion.network import make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.training import Checkpoint, NonFiniteLossError, TrainConfig, TrainLoop
 from stages.common import (RAW_DIR, EpochProgress, Silent, fail, log_mnist, mnist_on,
@@ -48,7 +48,7 @@ def main() -> None:
                          precision=resolve_precision(params["precision"], device))
     checkpoint = checkpoint_for(stage, params)
     torch.manual_seed(config.seed)  # the network's initial weights
-    loop = TrainLoop(DenoiserCNN(**params["net"]), make_process(params[model]), config, device,
+    loop = TrainLoop(make_network(params["net"]), make_process(params[model]), config, device,
                      Path("results/train") / model, checkpoint=checkpoint, warn=warn)
     run = open_run(stage, model, run_id=loop.extra.get("run_id")) if world.is_main else Silent()
     loop.extra["run_id"] = run.run_id

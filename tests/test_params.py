@@ -117,7 +117,12 @@ BAD = [  # (key, bad value, fragment of the allowed values)
     ("train.lr", float("nan"), "a number in (0, 3.4e+38]"),
     ("train.lr", float("inf"), "a number in (0, 3.4e+38]"),
     ("train.epochs", 10.0, "an integer in [1, 100000]"),     # a float is not an int
-    ("net", [16, 32], "must be a mapping with keys hidden, activation"),
+    ("net", [16, 32], "must be a mapping with keys kind, hidden, channels, blocks, attention, activation"),
+    ("net.kind", "resnet", "one of cnn, unet"),
+    ("net.channels", [48, 100], "two multiples of 8"),
+    ("net.channels", [48], "two multiples of 8"),
+    ("ddpm.schedule", "sigmoid", "one of linear, cosine"),
+    ("ddgm.target", "score", "one of eps, x0, v"),
 ]
 
 

@@ -95,8 +95,10 @@ def test_predict_x0_inverts_q_sample():
 
 
 def test_config_round_trip_and_noise_names():
-    sections = [{"noise": "gaussian", "betas": [1e-4, 0.02], "n_T": 10},   # params.yaml sections
-                {"noise": "gamma", "betas": [1e-4, 0.02], "n_T": 10, "theta_0": 0.01}]
+    sections = [  # params.yaml sections
+        {"noise": "gaussian", "schedule": "linear", "target": "eps", "betas": [1e-4, 0.02], "n_T": 10},
+        {"noise": "gamma", "schedule": "cosine", "target": "v", "betas": [1e-4, 0.02], "n_T": 10,
+         "theta_0": 0.01}]
     for section, kind in zip(sections, (GaussianProcess, GammaProcess)):
         process = make_process(section)
         assert type(process) is kind and process.config() == section
@@ -154,3 +156,66 @@ def test_gamma_noise_is_exact_at_both_ends_of_the_allowed_theta_0(end):
 def test_schedules_that_cannot_be_computed_exactly_are_refused(make, why):
     with pytest.raises(ScheduleError, match=why.replace("+", r"\+").replace(".", r"\.")):
         make()
+
+
+# ---------------------------------------------------------------- schedules and targets
+def test_cosine_schedule_matches_its_closed_form_and_clips_beta():
+    """Nichol and Dhariwal (2021), eq. 17: alpha_bar_t = f(t) / f(0),
+    f(t) = cos((t / T + s) / (1 + s) * pi / 2)^2, beta_t clipped at 0.999."""
+    n_T, s = 1000, 0.008
+    process = GaussianProcess((1e-4, 0.02), n_T, schedule="cosine")
+    f = lambda t: math.cos((t / n_T + s) / (1 + s) * math.pi / 2) ** 2
+    for t in (1, 10, 250, 500, 900):
+        assert process.alpha_bar[t].item() == pytest.approx(f(t) / f(0), rel=1e-9)
+    assert process.beta[1:].max().item() == pytest.approx(0.999) and process.beta[n_T] == 0.999
+    assert torch.all(process.beta[1:] > 0) and torch.all(process.alpha_bar[1:] < process.alpha_bar[:-1])
+    assert process.beta[1].item() == pytest.approx(1 - f(1) / f(0), rel=1e-9)
+
+
+def test_gamma_noise_on_the_cosine_schedule_is_exact_and_finite():
+    """On the cosine schedule alpha_bar_T is ~2e-9, so k_bar_T = (1 / alpha_bar_T - 1) / theta_0^2
+    grows to ~4e14 for theta_0 = 1e-3: still within the exact float64 range, and the theta_0
+    range the check allows is narrower than on the linear schedule."""
+    process = GammaProcess((1e-4, 0.02), 1000, 0.001, schedule="cosine")
+    assert torch.allclose(process.k_bar[1:] * process.theta[1:] ** 2, 1 - process.alpha_bar[1:],
+                          rtol=1e-9, atol=0)
+    assert 1e14 < process.k_bar[1000].item() < MAX_GAMMA_SHAPE
+    for t_value in (1, 1000):
+        eps = process.noise(torch.full((N_DRAWS,), t_value), (N_DRAWS,),
+                            generator=torch.Generator().manual_seed(6))
+        assert torch.isfinite(eps).all() and eps.unique().numel() > 0.99 * N_DRAWS
+        mean, var, skew = moments(eps)
+        assert abs(mean) < 4 / math.sqrt(N_DRAWS) and var == pytest.approx(1, rel=0.03)
+        assert skew == pytest.approx(2 / process.k_bar[t_value].sqrt().item(), abs=0.05)
+    low, high = process.theta_0_range()
+    linear = GammaProcess((1e-4, 0.02), 1000, 0.001).theta_0_range()
+    assert linear[0] < low < 0.001 < high
+    with pytest.raises(ScheduleError, match="theta_0 = 1e-05 is outside"):
+        GammaProcess((1e-4, 0.02), 1000, 1e-5, schedule="cosine")
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "gamma"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_every_target_converts_back_to_eps_and_x0(kind, schedule, target):
+    """eps -> the target -> (eps, x0) round-trips to rounding, for both noise laws."""
+    extra = {"theta_0": 0.001} if kind == "gamma" else {}
+    process = make_process({"noise": kind, "schedule": schedule, "target": target,
+                            "betas": [1e-4, 0.02], "n_T": 1000, **extra})
+    generator = torch.Generator().manual_seed(7)
+    x0 = (torch.rand(64, 1, 28, 28, generator=generator) * 2 - 1).double()
+    t = torch.randint(1, 990, (64,), generator=generator)  # away from alpha_bar ~ 0 at T
+    eps = process.noise(t, x0.shape, generator=generator).double()
+    x_t = process.q_sample(x0, t, eps)
+    eps_hat, x0_hat = process.eps_and_x0(x_t, t, process.training_target(x0, eps, t))
+    assert torch.allclose(eps_hat, eps, atol=1e-9) and torch.allclose(x0_hat, x0, atol=1e-9)
+    if target == "v":  # v = a eps - s x0 has unit variance when eps and x0 do
+        a, s = process.alpha_bar[t].sqrt().view(-1, 1, 1, 1), (1 - process.alpha_bar[t]).sqrt().view(-1, 1, 1, 1)
+        assert torch.allclose(process.training_target(x0, eps, t), a * eps - s * x0)
+
+
+def test_unknown_schedule_or_target_is_refused():
+    with pytest.raises(ValueError, match="unknown schedule 'sigmoid'"):
+        GaussianProcess((1e-4, 0.02), 10, schedule="sigmoid")
+    with pytest.raises(ValueError, match="unknown target 'score'"):
+        GaussianProcess((1e-4, 0.02), 10, target="score")

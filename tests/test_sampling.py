@@ -118,9 +118,10 @@ def test_unknown_sampler_is_refused():
 
 
 class OracleNet(nn.Module):
-    """The exact noise predictor for data that is one image x*:
+    """The exact predictor for data that is one image x*: its noise is
     eps(x_t, t) = (x_t - sqrt(alpha_bar_t) x*) / sqrt(1 - alpha_bar_t) (Ho et al. eq. 4 solved
-    for eps). Every correct sampler must then end at x*, whatever the noise law or step count."""
+    for eps), and it returns the process's target: eps, x*, or v = a eps - s x*. Every correct
+    sampler must then end at x*, whatever the noise law, schedule, target or step count."""
 
     def __init__(self, process, target):
         super().__init__()
@@ -130,14 +131,26 @@ class OracleNet(nn.Module):
     def forward(self, x, t):
         index = torch.round(t * self.process.n_T).long()
         alpha_bar = self.process.alpha_bar[index].view(-1, 1, 1, 1)
-        return (x.double() - alpha_bar.sqrt() * self.target) / (1 - alpha_bar).sqrt()
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        eps = (x.double() - a * self.target) / s
+        if self.process.target == "x0":
+            return self.target.expand_as(eps)
+        return a * eps - s * self.target if self.process.target == "v" else eps
 
 
-@pytest.mark.parametrize("process", [GaussianProcess((1e-4, 0.02), 1000),
-                                     GammaProcess((1e-4, 0.02), 1000, theta_0=0.001)],
-                         ids=["gaussian", "gamma"])
+EVERY_PROCESS = [kind((1e-4, 0.02), 1000, *extra, schedule=schedule, target=target)
+                 for kind, extra in ((GaussianProcess, ()), (GammaProcess, (0.001,)))
+                 for schedule in ("linear", "cosine") for target in ("eps", "x0", "v")]
+
+
+# Every process at 10 and 100 steps; the seed's (linear, eps) also at all 1000.
+CASES = [(p, steps) for p in EVERY_PROCESS
+         for steps in ((10, 1000) if (p.schedule, p.target) == ("linear", "eps") else (10, 100))]
+
+
+@pytest.mark.parametrize("process, steps", CASES,
+                         ids=[f"{p.name}-{p.schedule}-{p.target}-{n}" for p, n in CASES])
 @pytest.mark.parametrize("sampler, eta", [("ancestral", 1.0), ("ddim", 0.0), ("ddim", 1.0)])
-@pytest.mark.parametrize("steps", [10, 1000])
 def test_every_sampler_lands_on_the_data_point_with_the_exact_noise_predictor(process, sampler, eta,
                                                                               steps):
     target = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(1)).double() * 2 - 1

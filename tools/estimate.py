@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from diffusion.mnist import N_TEST, N_TRAIN
-from diffusion.network import DenoiserCNN, autocast, resolve_precision
+from diffusion.network import autocast, make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.training import TrainConfig, denoising_loss, make_state
 from stages.params import PARAMS_FILE, ParamsError, read_yaml, validate
@@ -47,7 +47,7 @@ def measure(params: dict, device: torch.device) -> tuple[float, float]:
     image at sample.batch_size, capped at 500 images so the measurement stays short)."""
     precision = resolve_precision(params["precision"], device)
     torch.manual_seed(0)
-    net = DenoiserCNN(**params["net"])
+    net = make_network(params["net"])
     state = make_state(net, TrainConfig(lr=params["train"]["lr"]), device)
     process = make_process(params[params["models"][0]])
     batch = params["train"]["batch_size"]
