@@ -1,23 +1,27 @@
-"""Sample quality against training length, precision and sampler, for one model on one machine.
+"""Sample quality against training length, params, EMA and sampler, for one model on one machine.
 
-    python -m benchmarks.quality --model ddpm --epochs 6 --eval-at 2,4,6 --precision bf16 \
-        --sampler ancestral:100 --sampler ddim:50 --n-samples 2000 --json out.json [--grids DIR]
+    python -m benchmarks.quality --model ddpm --epochs 30 --eval-at 10,30 \
+        --sampler ancestral:100 --sampler ddim:50:clip [-S train.lr=1e-3 ...] [--ema 0.9999 --raw] \
+        --n-samples 2000 --json out.json [--grids DIR] [--save DIR]
 
-Trains the model at the seed's config (params.yaml's net, schedule, lr, batch size and EMA
-decay unless an option overrides one) on the full MNIST training set, and at each epoch of
+Trains ``--model`` with params.yaml's values (the seed's config unless ``-S key=value`` changes
+one; the overrides are validated as params.yaml is) on its training set, and at each epoch of
 ``--eval-at`` samples ``--n-samples`` digits from the EMA weights with every ``--sampler``
-(``name:steps``, DDIM with eta 0; ``name:steps:clip`` clips x0 in every step) and scores them as the evaluate stage does: FID, KID,
-precision, recall and class balance on the classifier stage's features, against as many random
-test digits, with the floor (as many real training digits) beside them. Needs
-``data/MNIST/raw`` and ``models/classifier/classifier.pt`` (``dvc repro classifier``).
-The JSON holds one row per (epoch, sampler) with the training time so far.
+(``name:steps``, DDIM with eta 0; ``name:steps:clip`` clips x0 in every step) and scores them
+as the evaluate stage does (``diffusion.evaluation.Reference``): FID, KID, precision, recall
+and class balance on the classifier stage's features, against as many random test digits,
+with the floor (as many real training digits) beside them. ``--ema`` keeps further EMAs of the
+same training run (same warm-up) and ``--raw`` scores the raw weights too, each with the first
+sampler, so EMA decays compare at equal training. ``--save`` writes the model file at each
+evaluated epoch. Needs ``data/MNIST/raw`` and ``models/classifier/classifier.pt``
+(``dvc repro classifier``). The JSON holds one row per (epoch, weights, sampler).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,18 +33,21 @@ from diffusion.data import save_grid
 from diffusion.evaluation import Reference
 from diffusion.io import save_json
 from diffusion.mnist import load_mnist, random_subset
-from diffusion.model import DiffusionModel
+from diffusion.model import DiffusionModel, save_model
 from diffusion.network import PRECISIONS, make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.sampling import SAMPLERS
-from diffusion.training import TrainConfig, TrainState, make_state, train
+from diffusion.training import TrainConfig, TrainState, ema_update, make_state, train
+from benchmarks.speed import device_name
+from stages.params import ParamsError
+from tools.quick import apply
 
 RAW_DIR = Path("data/MNIST/raw")
 KEPT = ("fid", "kid_mean", "precision", "recall", "class_tv")
 
 
 def sampler_option(text: str) -> tuple[str, int, bool]:
-    """``name:steps`` or ``name:steps:clip`` (x0 clipped to [-1, 1] in every step)."""
+    """``name:steps`` or ``name:steps:clip`` (x0 clipped to the data range in every step)."""
     name, steps, *clip = text.split(":")
     if (name not in SAMPLERS or not steps.isdigit() or int(steps) < 1
             or clip not in ([], ["clip"])):
@@ -49,45 +56,85 @@ def sampler_option(text: str) -> tuple[str, int, bool]:
     return name, int(steps), bool(clip)
 
 
+def override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: use key=value")
+    return key, yaml.safe_load(value)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ddpm", help="a model of params.yaml's models")
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--eval-at", default="", help="comma-separated epochs (default: the last)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="default: params.yaml's")
     parser.add_argument("--seed", type=int, default=None, help="default: params.yaml's seed")
-    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("-S", "--set", type=override, action="append", default=[],
+                        metavar="KEY=VALUE", help="a params.yaml value, as dvc exp run -S")
     parser.add_argument("--sampler", type=sampler_option, action="append", default=None)
+    parser.add_argument("--ema", default="", help="comma-separated further EMA decays to score")
+    parser.add_argument("--raw", action="store_true", help="score the raw weights too")
     parser.add_argument("--n-samples", type=int, default=2000)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--grids", type=Path, default=None, help="folder for 64-digit grids")
+    parser.add_argument("--save", type=Path, default=None, help="folder for the model files")
     args = parser.parse_args()
-    params = yaml.safe_load(Path("params.yaml").read_text())
+    overrides = dict(args.set) | {"train.epochs": args.epochs}
+    overrides |= {"seed": args.seed} if args.seed is not None else {}
+    overrides |= {"precision": args.precision} if args.precision else {}
+    try:
+        params = apply(yaml.safe_load(Path("params.yaml").read_text()), overrides, "-S")
+    except ParamsError as error:
+        parser.error(str(error))
     if args.model not in params["models"]:
         parser.error(f"--model {args.model} is not one of params.yaml's models {params['models']}")
-    seed = params["seed"] if args.seed is None else args.seed
-    samplers = args.sampler or [("ancestral", 100, False)]
+    seed, samplers = params["seed"], args.sampler or [("ancestral", 100, False)]
     eval_at = sorted({int(e) for e in args.eval_at.split(",") if e} or {args.epochs})
+    extra_decays = [float(d) for d in args.ema.split(",") if d]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(args.precision, device)
-    train_params = params["train"]
-    config = TrainConfig(epochs=args.epochs, batch_size=train_params["batch_size"],
-                         lr=args.lr or train_params["lr"], ema_decay=train_params["ema_decay"],
-                         holdout_subset=1000, seed=seed, precision=precision)
+    precision = resolve_precision(params["precision"], device)
+    config = TrainConfig(**params["train"], seed=seed, precision=precision,
+                         data_scale=params["data"]["scale"])
     process = make_process(params[args.model])
     torch.manual_seed(seed)
-    net = make_network(params["net"])
-    state = make_state(net, config, device)
-    train_images = load_mnist(RAW_DIR, train=True)[0].to(device)
+    state = make_state(make_network(params["net"]), config, device)
+    extra_emas = {decay: copy.deepcopy(state.ema) for decay in extra_decays}
+    subset = params["data"]["train_subset"]
+    train_images = load_mnist(RAW_DIR, train=True)[0][:subset or None].to(device)
     test_images = load_mnist(RAW_DIR, train=False)[0].to(device)
 
     classifier = load_classifier(Path("models/classifier/classifier.pt"), device)
     reference = Reference.of(classifier, random_subset(test_images, args.n_samples, seed),
                              random_subset(train_images, args.n_samples, seed), seed=seed)
-    floor = reference.floor
     rows: list[dict] = []
     train_seconds = 0.0
+
+    def after_step(step: int, steps: int) -> None:
+        for decay, ema in extra_emas.items():  # state.step counts the step just taken
+            ema_update(ema, state.net, decay, state.step - 1)
+
+    def score(weights: str, net: torch.nn.Module, record, name: str, steps: int,
+              clip: bool) -> None:
+        model = DiffusionModel(net, process, {"data_scale": config.data_scale}, precision=precision)
+        started = time.perf_counter()
+        images = model.sample(args.n_samples, steps=steps, sampler=name, eta=0.0, seed=seed,
+                              batch_size=1000, clip_x0=clip)
+        sample_seconds = time.perf_counter() - started
+        quality = reference.score(images)
+        row = {"epoch": record.epoch, "weights": weights, "sampler": name, "steps": steps,
+               "clip_x0": clip, "train_seconds": round(train_seconds, 1),
+               "sample_seconds": round(sample_seconds, 1), "heldout_loss": record.heldout_loss,
+               **{k: quality[k] for k in KEPT},
+               "class_fractions": [quality[f"class_fraction_{d}"] for d in range(10)]}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "class_fractions"}), flush=True)
+        if args.grids:
+            save_grid(images[:64], args.grids / f"{args.model}_s{seed}_e{record.epoch:03d}_"
+                                                f"{weights}_{name}{steps}{'_clip' if clip else ''}.png")
 
     def on_epoch(state: TrainState, record) -> None:
         nonlocal train_seconds
@@ -96,34 +143,29 @@ def main() -> None:
               f"{record.heldout_loss:.4f}, {record.images_per_s:.0f} img/s", flush=True)
         if record.epoch not in eval_at:
             return
-        model = DiffusionModel(state.ema, process, precision=precision)
+        if args.save:
+            save_model(args.save / f"{args.model}_s{seed}_e{record.epoch:03d}.pt", state.net,
+                       state.ema, process, {"model": args.model, "net": params["net"],
+                                            "train": params["train"], "seed": seed,
+                                            "data_scale": config.data_scale,
+                                            "epochs_trained": record.epoch})
         for name, steps, clip in samplers:
-            started = time.perf_counter()
-            images = model.sample(args.n_samples, steps=steps, sampler=name, eta=0.0,
-                                  seed=seed, batch_size=1000, clip_x0=clip)
-            sample_seconds = time.perf_counter() - started
-            quality = reference.score(images)
-            row = {"epoch": record.epoch, "sampler": name, "steps": steps, "clip_x0": clip,
-                   "train_seconds": round(train_seconds, 1),
-                   "sample_seconds": round(sample_seconds, 1),
-                   "heldout_loss": record.heldout_loss,
-                   **{k: quality[k] for k in KEPT},
-                   "class_fractions": [quality[f"class_fraction_{d}"] for d in range(10)]}
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "class_fractions"}), flush=True)
-            if args.grids:
-                save_grid(images[:64], args.grids / f"{args.model}_{precision}_s{seed}_e{record.epoch:03d}"
-                                                    f"_{name}{steps}{'_clip' if clip else ''}.png")
+            score(f"ema{config.ema_decay:g}", state.ema, record, name, steps, clip)
+        name, steps, clip = samplers[0]
+        for decay, ema in extra_emas.items():
+            score(f"ema{decay:g}", ema, record, name, steps, clip)
+        if args.raw:
+            score("raw", state.net, record, name, steps, clip)
         save_json(result(), args.json)
 
     def result() -> dict:
-        return {"model": args.model, "precision": precision, "seed": seed, "lr": config.lr,
-                "n_samples": args.n_samples, "device": str(device),
-                "processor": platform.processor() or platform.machine(),
-                "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "floor": {k: floor[k] for k in KEPT}, "rows": rows}
+        return {"model": args.model, "overrides": {k: v for k, v in args.set},
+                "precision": precision, "seed": seed, "n_samples": args.n_samples,
+                "device": device_name(device), "torch": torch.__version__,
+                "floor": {k: reference.floor[k] for k in KEPT}, "rows": rows}
 
-    train(state, process, train_images, test_images, config, on_epoch=on_epoch)
+    train(state, process, train_images, test_images, config, on_epoch=on_epoch,
+          progress=after_step if extra_emas else None)
     save_json(result(), args.json)
 
 

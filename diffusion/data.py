@@ -1,7 +1,8 @@
 """Image conversions between MNIST bytes and the models' range, and sample grids.
 
 MNIST lives as uint8 tensors (N, 28, 28). The models see float32 (N, 1, 28, 28) scaled to
-[-1, 1], as in Ho et al. (2020), section 3.3.
+[-scale, scale]: [-1, 1] (scale 1) as in Ho et al. (2020), section 3.3; the coursework template
+used ToTensor then Normalize(0.5, 1.0), i.e. [-0.5, 0.5] (scale 0.5).
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import torch
 from diffusion.io import atomic_path
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1]."""
-    return images.unsqueeze(1).float() / 127.5 - 1.0
+def to_model_range(images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-scale, scale]."""
+    x = images.unsqueeze(1).float() / 127.5 - 1.0
+    return x if scale == 1.0 else x * scale
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float (N, 1, 28, 28) in [-1, 1] -> uint8 (N, 28, 28), clipped and rounded."""
-    return ((x.squeeze(1).float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def to_uint8(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """float (N, 1, 28, 28) in [-scale, scale] -> uint8 (N, 28, 28), clipped and rounded."""
+    x = x.squeeze(1).float()
+    x = x if scale == 1.0 else x / scale
+    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def grid_image(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:

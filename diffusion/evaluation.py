@@ -63,10 +63,11 @@ def x0_psnr(model: DiffusionModel, images: torch.Tensor, t: int, *, seed: int,
     generator = torch.Generator(model.device).manual_seed(seed)
     scores = []
     for start in range(0, images.shape[0], batch_size):
-        x0 = to_model_range(images[start:start + batch_size].to(model.device))
+        x0 = to_model_range(images[start:start + batch_size].to(model.device), model.scale)
         t_batch = torch.full((x0.shape[0],), t, device=model.device)
         x_t, _ = model.process.corrupt(x0, t_batch, generator=generator)
-        scores.append(psnr(model.denoise(x_t, t_batch).clamp(-1, 1), x0))
+        x0_hat = model.denoise(x_t, t_batch).clamp(-model.scale, model.scale)
+        scores.append(psnr(x0_hat, x0, data_range=2 * model.scale))
     return torch.cat(scores).mean().item()
 
 
@@ -80,7 +81,8 @@ def evaluate_model(model: DiffusionModel, samples: torch.Tensor, reference: Refe
     metrics: dict = {
         "n_samples": int(samples.shape[0]),
         "heldout_loss": heldout_loss(model.net, model.process, test_images, seed=seed,
-                                     batch_size=batch_size, precision=model.precision),
+                                     batch_size=batch_size, precision=model.precision,
+                                     scale=model.scale),
     }
     for t in timesteps_at(psnr_fractions, model.process.n_T, lowest=1):
         metrics[f"psnr_t{t}"] = x0_psnr(model, test_images, t, seed=seed, batch_size=batch_size)
@@ -110,7 +112,7 @@ SweepTable = dict[str, dict[str, dict[str, float]]]  # "<model>_<sampler>" -> st
 
 def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Iterable[int],
           samplers: Iterable[str], n: int, eta: float, clip_x0: bool, seed: int,
-          batch_size: int, keep: Iterable[str],
+          batch_size: int, keep: Iterable[str], prior: str = "exact",
           on_cell: Callable[[str, int, dict[str, float]], None] | None = None) -> SweepTable:
     """FID (and the ``keep`` scores) against sampling steps: the DDGM paper's table.
 
@@ -130,7 +132,7 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
             for count in sorted({steps_within(s, model.process.n_T) for s in steps}):
                 started = time.perf_counter()
                 images = model.sample(n, steps=count, sampler=sampler, eta=eta, seed=seed,
-                                      batch_size=batch_size, clip_x0=clip_x0)
+                                      batch_size=batch_size, clip_x0=clip_x0, prior=prior)
                 seconds = time.perf_counter() - started
                 scores = reference.score(images)
                 cell = {**{k: scores[k] for k in keep}, "seconds": seconds}
@@ -151,20 +153,22 @@ def nearest_training_images(classifier: MnistClassifier, sets: dict[str, torch.T
             for name, images in sets.items()}
 
 
-def degradation(processes: dict[str, NoiseProcess], x0: torch.Tensor,
+def degradation(processes: dict[str, NoiseProcess], x0: torch.Tensor | dict[str, torch.Tensor],
                 timesteps: dict[str, list[int]], seed: int) -> dict[str, torch.Tensor]:
     """x_t ~ q(x_t | x0) (Ho et al. eq. 4) for each process at its ``timesteps``: float
-    (n_digits, len, 28, 28) each. Every process starts from the same x0 (model range, on the
-    CPU) and a generator seeded with ``seed``; t = 0 is x0."""
+    (n_digits, len, 28, 28) each. Every process starts from the same digits ``x0`` (model range,
+    on the CPU; one tensor per process where their data scales differ) and a generator seeded
+    with ``seed``; t = 0 is x0."""
     rows = {}
     for name, process in processes.items():
+        start = x0[name] if isinstance(x0, dict) else x0
         if process.device.type != "cpu":  # a copy: the caller's process stays where it is
             process = copy.deepcopy(process).cpu()
         generator = torch.Generator().manual_seed(seed)
         frames = []
         for t in timesteps[name]:
-            t_batch = torch.full((x0.shape[0],), t, dtype=torch.long)
-            frames.append(process.corrupt(x0, t_batch, generator=generator)[0][:, 0])
+            t_batch = torch.full((start.shape[0],), t, dtype=torch.long)
+            frames.append(process.corrupt(start, t_batch, generator=generator)[0][:, 0])
         rows[name] = torch.stack(frames, dim=1)
     return rows
 

@@ -56,6 +56,7 @@ class DiffusionModel(nn.Module):
         self.process = process
         self.config = dict(config or {})
         self.precision = precision
+        self.scale = float(self.config.get("data_scale", 1.0))  # images in [-scale, scale]
 
     @property
     def device(self) -> torch.device:
@@ -86,18 +87,19 @@ class DiffusionModel(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, sampler: str = "ancestral",
                eta: float = 1.0, seed: int = 0, batch_size: int | None = None,
-               clip_x0: bool = False) -> torch.Tensor:
+               clip_x0: bool = False, prior: str = "exact") -> torch.Tensor:
         """``n`` generated digits as uint8 (n, 28, 28) on the CPU, reproducible from ``seed``.
 
         ``sampler`` is "ancestral" (Ho et al. 2020, Algorithm 2) or "ddim" (Song et al. 2021,
         eq. 12, with ``eta``); ``steps`` (default n_T) evenly spaced timesteps are used;
-        ``clip_x0`` clips the x0 estimate of every step to [-1, 1] (``diffusion.sampling``).
+        ``clip_x0`` clips the x0 estimate of every step to the data range and ``prior`` picks the
+        start (``diffusion.sampling.sample``).
         """
         generator = torch.Generator(self.device).manual_seed(seed)
         x = sample(self.net, self.process, n, steps=steps, sampler=sampler, eta=eta,
                    device=self.device, generator=generator, batch_size=batch_size,
-                   precision=self.precision, clip_x0=clip_x0)
-        return to_uint8(x).cpu()
+                   precision=self.precision, clip_x0=clip_x0, data_scale=self.scale, prior=prior)
+        return to_uint8(x, self.scale).cpu()
 
     @torch.no_grad()
     def predict_noise(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,7 @@ class DiffusionModel(nn.Module):
         result is float (N, 1, 28, 28) in model range, reproducible from ``seed``.
         """
         if x0.dtype == torch.uint8:
-            x0 = to_model_range(x0)
+            x0 = to_model_range(x0, self.scale)
         x0 = x0.to(self.device, torch.float32)
         t = self._timesteps(t, x0.shape[0])
         generator = torch.Generator(self.device).manual_seed(seed)

@@ -40,6 +40,7 @@ from diffusion.network import autocast
 from diffusion.process import NoiseProcess
 
 SAMPLERS = ("ancestral", "ddim")
+PRIORS = ("exact", "unit")  # where sampling starts: the forward marginal at T, or eps_T itself
 
 
 def timestep_sequence(n_T: int, steps: int) -> list[int]:
@@ -106,15 +107,21 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
            generator: torch.Generator | None = None, batch_size: int | None = None,
            x_T: torch.Tensor | None = None,
            callback: Callable[[int, torch.Tensor], None] | None = None,
-           precision: str = "auto", clip_x0: bool = False) -> torch.Tensor:
+           precision: str = "auto", clip_x0: bool = False, data_scale: float = 1.0,
+           prior: str = "exact") -> torch.Tensor:
     """Draw ``n`` images in [-1, 1]-ish float32 (N, 1, 28, 28) from ``net`` under ``process``.
 
     ``x_T`` fixes the starting noise (else drawn from ``process.prior``); ``callback(t, x)`` sees the
     state after each update (t = the timestep reached), e.g. to record a reverse trajectory.
     ``process`` is moved to ``device`` (``nn.Module.to``) if it is elsewhere.
     ``precision`` is the network's arithmetic (see ``diffusion.network.resolve_precision``);
-    ``clip_x0`` clips each step's x0 estimate to [-1, 1] (see the module doc).
+    ``clip_x0`` clips each step's x0 estimate to the data range [-data_scale, data_scale] (see the
+    module doc). ``prior`` is where sampling starts: ``exact``, the forward marginal at T,
+    sqrt(1 - alpha_bar_T) eps_T (``NoiseProcess.prior``), or ``unit``, eps_T itself (N(0, I) for
+    DDPM, as Ho et al.'s Algorithm 2 starts).
     """
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}: allowed are {', '.join(map(repr, PRIORS))}")
     device = torch.device(device)
     process.to(device)
     run = plan(process, steps or process.n_T, sampler, eta)
@@ -128,15 +135,20 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         shape = (size, 1, 28, 28)
-        x = (x_T[start:start + size].to(device) if x_T is not None
-             else process.prior(shape, generator=generator))
+        if x_T is not None:
+            x = x_T[start:start + size].to(device)
+        elif prior == "exact":
+            x = process.prior(shape, generator=generator)
+        else:
+            x = process.noise(torch.full((size,), process.n_T, device=device), shape,
+                              generator=generator)
         for i, (t, t_prev) in enumerate(zip(run.timesteps, run.previous)):
             t_batch = torch.full((size,), t, device=device, dtype=torch.long)
             with autocast(device, precision):  # x, a, b, c and the noise stay float32
                 prediction = net(x, t_batch.float() / process.n_T).float()
             eps, x0_hat = process.eps_and_x0(x, t_batch, prediction)  # from the net's target
             if clip_x0:
-                x = p[i] * x0_hat.clamp(-1.0, 1.0) + q[i] * x
+                x = p[i] * x0_hat.clamp(-data_scale, data_scale) + q[i] * x
             else:
                 x = a[i] * x + b[i] * eps
             if t_prev > 0 and run.c[i] != 0:

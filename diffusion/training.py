@@ -61,13 +61,16 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 128
     lr: float = 2e-4
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # 0: the EMA is the raw weights
+    warmup: int = 0           # steps of linear lr warm-up from 0 (0: none)
+    grad_clip: float = 0.0    # clip the gradient's global L2 norm to this (0: no clipping)
     grid_every: int = 10      # TrainLoop: a sample grid every N epochs, and after the last
     grid_size: int = 16       # TrainLoop: digits per grid
     holdout_subset: int = 0   # test images for the held-out loss; 0 = all
     compile: bool = False
     seed: int = 42
     precision: str = "auto"   # "auto" (bf16 where the device has it natively) | "bf16" | "fp32"
+    data_scale: float = 1.0   # images in [-data_scale, data_scale] (diffusion.data)
 
 
 @dataclass
@@ -151,7 +154,7 @@ def denoising_loss(net: nn.Module, process: NoiseProcess, x0: torch.Tensor, t: t
 
 @torch.no_grad()
 def heldout_loss(net: nn.Module, process: NoiseProcess, images: torch.Tensor, *, seed: int,
-                 batch_size: int = 1000, precision: str = "auto") -> float:
+                 batch_size: int = 1000, precision: str = "auto", scale: float = 1.0) -> float:
     """Mean denoising loss on ``images`` (uint8, on the device) with noise fixed by ``seed``.
 
     The same t and eps every call, so values from successive epochs are comparable.
@@ -163,7 +166,7 @@ def heldout_loss(net: nn.Module, process: NoiseProcess, images: torch.Tensor, *,
     net.eval()
     total = torch.zeros((), device=device)
     for start in range(0, images.shape[0], batch_size):
-        x0 = to_model_range(images[start:start + batch_size])
+        x0 = to_model_range(images[start:start + batch_size], scale)
         t = torch.randint(1, process.n_T + 1, (x0.shape[0],), device=device, generator=generator)
         eps = process.noise(t, x0.shape, generator=generator)
         total += denoising_loss(net, process, x0, t, eps, precision) * x0.shape[0]
@@ -225,13 +228,18 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
         generator = noise_generator(device, config.seed, epoch, world.rank)
         for i in range(steps_per_epoch):
             index = permutation[i * config.batch_size:(i + 1) * config.batch_size]
-            x0 = to_model_range(train_images[index])
+            x0 = to_model_range(train_images[index], config.data_scale)
             t = torch.randint(1, process.n_T + 1, (x0.shape[0],), device=device,
                               generator=generator)
             eps = process.noise(t, x0.shape, generator=generator)
             loss = denoising_loss(model, process, x0, t, eps, config.precision)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.grad_clip > 0:  # the global norm, computed on the device: no host sync
+                nn.utils.clip_grad_norm_(state.net.parameters(), config.grad_clip, foreach=True)
+            if config.warmup > 0:  # linear warm-up, from the step count alone: resumes exactly
+                for group in state.optimizer.param_groups:
+                    group["lr"] = config.lr * min(1.0, (state.step + 1) / config.warmup)
             state.optimizer.step()
             ema_update(state.ema, state.net, config.ema_decay, state.step)
             state.step += 1
@@ -250,7 +258,8 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
         train_seconds = time.perf_counter() - started
         images_seen = per_rank * world.world_size
         heldout = (heldout_loss(state.ema, process, holdout, seed=config.seed + 1,
-                                precision=config.precision) if world.is_main else 0.0)
+                                precision=config.precision, scale=config.data_scale)
+                   if world.is_main else 0.0)
         if world.parallel:  # rank 0's value, so every process keeps the same log
             heldout = distributed.all_reduce_sum(
                 torch.tensor(heldout, dtype=torch.float64, device=device)).item()
@@ -384,7 +393,7 @@ class TrainLoop:
         generator = torch.Generator(self.device).manual_seed(self.config.seed + GRID_SEED_OFFSET + 1)
         x = sample(self.state.ema, self.process, self.grid_noise.shape[0], device=self.device,
                    generator=generator, x_T=self.grid_noise, precision=self.config.precision)
-        return to_uint8(x).cpu()
+        return to_uint8(x, self.config.data_scale).cpu()
 
     def run(self, train_images: torch.Tensor, test_images: torch.Tensor, *,
             on_epoch: Callable[[EpochRecord, Path | None], None] | None = None) -> TrainState:

@@ -35,7 +35,7 @@ from diffusion.mnist import N_TEST, N_TRAIN
 from diffusion.network import ACTIVATIONS, NETWORKS, PRECISIONS
 from diffusion.process import (SCHEDULES, TARGETS, GammaProcess, GaussianProcess, ScheduleError,
                                make_process)
-from diffusion.sampling import SAMPLERS
+from diffusion.sampling import PRIORS, SAMPLERS
 
 PARAMS_FILE = "params.yaml"
 MIN_METRIC_SAMPLES = 4    # precision/recall with k = 3 needs > k; FID needs >= 2
@@ -116,6 +116,7 @@ class Section(BaseModel):
 
 class Data(Section):
     train_subset: Int(0, N_TRAIN, "0 = all")
+    scale: Float("the models see images in [-scale, scale]", gt=0, le=10)
     local_dir: str
 
 
@@ -163,7 +164,9 @@ class Train(Section):
     epochs: Int(1, 100_000)
     batch_size: Batch
     lr: LearningRate
-    ema_decay: Float(ge=0, lt=1)
+    ema_decay: Float("0 = the raw weights", ge=0, lt=1)
+    warmup: Int(0, 10**7, "steps of linear lr warm-up; 0 = none")
+    grad_clip: Float("the largest global gradient norm; 0 = no clipping", ge=0, le=1e6)
     grid_every: Int(1)
     grid_size: Int(1, 1024)
     holdout_subset: Int(0, N_TEST, "0 = all")
@@ -176,6 +179,7 @@ class Sample(Section):
     steps: Steps
     eta: Float(ge=0, le=1)
     clip_x0: bool
+    prior: Literal[PRIORS]
     batch_size: Batch
 
 
@@ -199,6 +203,7 @@ class Sweep(Section):
     n_samples: Int(MIN_METRIC_SAMPLES, MAX_IMAGES, "precision/recall with k = 3 needs more than 3 images")
     eta: Float(ge=0, le=1)
     clip_x0: bool
+    prior: Literal[PRIORS]
     batch_size: Batch
 
 

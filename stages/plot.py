@@ -95,8 +95,10 @@ def main() -> None:
     # Each model's timesteps of the fractions plot.t_show (repeats kept: columns line up).
     t_show = {m: [round(f * model.process.n_T) for f in params["plot"]["t_show"]]
               for m, model in models.items()}
-    digits = to_model_range(load_mnist(RAW_DIR, train=False)[0][:n_digits])
-    degraded = degradation({m: model.process for m, model in models.items()}, digits, t_show, seed)
+    digits = load_mnist(RAW_DIR, train=False)[0][:n_digits]
+    degraded = degradation({m: model.process for m, model in models.items()},
+                           {m: to_model_range(digits, model.scale) for m, model in models.items()},
+                           t_show, seed)
     save_figure(degradation_figure(degraded, labels, t_show, seed), OUT_DIR / "degradation.png")
     trajectories = {m: reverse_trajectory(model, TRAJECTORIES, TRAJECTORY_POINTS, seed)
                     for m, model in models.items()}

@@ -44,7 +44,8 @@ def main() -> None:
     with run.system_metrics():
         images = model.sample(settings["n_samples"], steps=steps, sampler=settings["sampler"],
                               eta=settings["eta"], seed=params["seed"],
-                              batch_size=settings["batch_size"], clip_x0=settings["clip_x0"])
+                              batch_size=settings["batch_size"], clip_x0=settings["clip_x0"],
+                              prior=settings["prior"])
     seconds = time.perf_counter() - started
     with atomic_path(out_dir / "samples.npy") as tmp:
         with open(tmp, "wb") as file:

@@ -78,8 +78,8 @@ def main() -> None:
                   f"{cell['seconds']:7.1f} s", flush=True)
 
         table = sweep(models, reference, steps=settings["steps"], samplers=settings["samplers"],
-                      n=n, eta=eta, clip_x0=settings["clip_x0"], seed=seed,
-                      batch_size=batch_size, keep=KEPT, on_cell=on_cell)
+                      n=n, eta=eta, clip_x0=settings["clip_x0"], prior=settings["prior"],
+                      seed=seed, batch_size=batch_size, keep=KEPT, on_cell=on_cell)
     except BaseException:  # the run is marked failed, also on a clean exit by fail()
         run.finish("FAILED")
         raise

@@ -44,7 +44,7 @@ def main() -> None:
     stage = f"train@{model}"
     params = plain(load_params_or_exit(stage))
     world, device = distributed.init(default_device())
-    config = TrainConfig(**params["train"], seed=params["seed"],
+    config = TrainConfig(**params["train"], seed=params["seed"], data_scale=params["data"]["scale"],
                          precision=resolve_precision(params["precision"], device))
     checkpoint = checkpoint_for(stage, params)
     torch.manual_seed(config.seed)  # the network's initial weights
@@ -100,6 +100,7 @@ def main() -> None:
             save_model(model_file, state.net, state.ema, loop.process,
                        {"model": model, "net": params["net"], "seed": config.seed,
                         "train_subset": params["data"]["train_subset"], "train": params["train"],
+                        "data_scale": config.data_scale,
                         "precision": config.precision, "epochs_trained": state.epoch})
             save_json({"run_id": run.run_id, "experiment_id": run.experiment_id},
                       model_file.parent / "run.json")

@@ -188,3 +188,28 @@ def test_clipping_x0_is_the_posterior_mean_at_the_clipped_estimate():
     noise = seen[0][1] - mean  # the step's noise is sqrt(beta_2) z, z standard normal
     assert seen[0][0] == 1 and abs(float(noise.mean())) < 0.02
     assert float(noise.std()) == pytest.approx(math.sqrt(beta[2]), rel=0.1)
+
+
+def test_prior_unit_starts_from_eps_T_and_exact_from_the_forward_marginal():
+    process = GaussianProcess((1e-4, 0.02), 10)
+    # One step from x_T to 0 with eps_hat = 0.3 x_T + 1: x_0 = a x_T + b eps_hat, linear in x_T,
+    # so the two starts' outcomes differ exactly by the factor sqrt(1 - alpha_bar_T) on x_T.
+    run = plan(process, 1)
+    a, b = run.a[0].item(), run.b[0].item()
+    out = {prior: sample(ConstantNet(), process, 2, steps=1, prior=prior,
+                         generator=torch.Generator().manual_seed(0)) for prior in ("exact", "unit")}
+    x_T = {prior: (out[prior] - b) / (a + 0.3 * b) for prior in out}
+    scale = (1 - process.alpha_bar[10]).sqrt().item()
+    assert torch.allclose(x_T["exact"], scale * x_T["unit"], atol=1e-5)
+    assert x_T["unit"].std().item() == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(ValueError, match="unknown prior 'zero'"):
+        sample(ConstantNet(), process, 1, prior="zero")
+
+
+def test_clipping_uses_the_data_scale():
+    process = GaussianProcess((1e-4, 0.02), 5, target="x0")
+    net = ConstantNet()  # predicts x0 = 0.3 x + t: far outside [-0.5, 0.5] for x_T ~ N(0, 1)
+    seen = []
+    sample(net, process, 2, steps=5, clip_x0=True, data_scale=0.5,
+           generator=torch.Generator().manual_seed(0), callback=lambda t, x: seen.append(x))
+    assert seen[-1].abs().max() <= 0.5 + 1e-6  # the last step is the clipped x0 estimate

@@ -161,3 +161,61 @@ def test_model_runs_the_network_in_its_precision():
     assert torch.equal(fp32, net(x, torch.full((2,), 0.5)))
     with pytest.raises(ValueError, match="precision = 'half' is not allowed"):
         DiffusionModel(net, process, precision="half")
+
+
+# ---------------------------------------------------------------- the choices the seed leaves open
+def test_warmup_ramps_the_learning_rate_linearly_from_the_step_count():
+    config = TrainConfig(**{**CONFIG.__dict__, "warmup": 4, "epochs": 1})
+    state = fresh_state(config)
+    seen = []
+    step = state.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(state.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    state.optimizer.step = recording_step
+    train(state, GaussianProcess((1e-4, 0.02), 20), images(), images(seed=1), config)
+    assert seen == pytest.approx([config.lr * k / 4 for k in (1, 2, 3)])  # 80 images / 32: 3 steps
+
+
+def test_gradient_clipping_bounds_the_global_norm_each_step():
+    config = TrainConfig(**{**CONFIG.__dict__, "grad_clip": 1e-3, "epochs": 1})
+    state = fresh_state(config)
+    norms = []
+    step = state.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        norms.append(torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in state.net.parameters()])).item())
+        return step(*args, **kwargs)
+
+    state.optimizer.step = recording_step
+    train(state, GaussianProcess((1e-4, 0.02), 20), images(), images(seed=1), config)
+    assert norms and max(norms) <= 1e-3 * (1 + 1e-5)
+    unclipped = fresh_state(CONFIG)
+    loss = denoising_loss(unclipped.net, GaussianProcess((1e-4, 0.02), 20),
+                          torch.rand(32, 1, 28, 28) * 2 - 1, torch.randint(1, 21, (32,)),
+                          torch.randn(32, 1, 28, 28))
+    loss.backward()
+    assert sum(p.grad.norm() ** 2 for p in unclipped.net.parameters()) ** 0.5 > 1e-2  # it did clip
+
+
+def test_ema_decay_zero_keeps_the_raw_weights():
+    config = TrainConfig(**{**CONFIG.__dict__, "ema_decay": 0.0})
+    state = train(fresh_state(config), GaussianProcess((1e-4, 0.02), 20), images(), images(seed=1),
+                  config)
+    assert all(torch.equal(a, b) for a, b in zip(state.net.parameters(), state.ema.parameters()))
+
+
+def test_data_scale_sets_the_range_the_network_is_trained_on(monkeypatch):
+    import diffusion.training as training
+
+    seen = []
+    real = training.denoising_loss
+    monkeypatch.setattr(training, "denoising_loss",
+                        lambda net, process, x0, *a, **k: seen.append(x0.abs().max()) or real(net, process, x0, *a, **k))
+    config = TrainConfig(**{**CONFIG.__dict__, "data_scale": 0.5, "epochs": 1})
+    bright = torch.full((80, 28, 28), 255, dtype=torch.uint8)
+    train(fresh_state(config), GaussianProcess((1e-4, 0.02), 20), bright, bright[:16], config)
+    assert seen and all(value == 0.5 for value in seen)
