@@ -3,6 +3,7 @@
     python -m benchmarks.quality --model ddpm --epochs 30 --eval-at 10,30 \
         --sampler ancestral:100 --sampler ddim:50:clip [-S train.lr=1e-3 ...] [--ema 0.9999 --raw] \
         --n-samples 2000 --json out.json [--grids DIR] [--save DIR]
+    python -m benchmarks.quality --from models/ddpm/model.pt --sampler ddim:20:clip ... --json out.json
 
 Trains ``--model`` with params.yaml's values (the seed's config unless ``-S key=value`` changes
 one; the overrides are validated as params.yaml is) on its training set, and at each epoch of
@@ -13,7 +14,9 @@ and class balance on the classifier stage's features, against as many random tes
 with the floor (as many real training digits) beside them. ``--ema`` keeps further EMAs of the
 same training run (same warm-up) and ``--raw`` scores the raw weights too, each with the first
 sampler, so EMA decays compare at equal training. ``--save`` writes the model file at each
-evaluated epoch. Needs ``data/MNIST/raw`` and ``models/classifier/classifier.pt``
+evaluated epoch. ``--from FILE`` trains nothing: it scores the EMA weights of a model file
+(``--save``'s or the train stage's) with every sampler; ``name:steps:unit`` starts sampling
+from eps_T rather than the forward marginal (``sample.prior``). Needs ``data/MNIST/raw`` and ``models/classifier/classifier.pt``
 (``dvc repro classifier``). The JSON holds one row per (epoch, weights, sampler).
 """
 
@@ -33,7 +36,7 @@ from diffusion.data import save_grid
 from diffusion.evaluation import Reference
 from diffusion.io import save_json
 from diffusion.mnist import load_mnist, random_subset
-from diffusion.model import DiffusionModel, save_model
+from diffusion.model import DiffusionModel, load, save_model
 from diffusion.network import PRECISIONS, make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.sampling import SAMPLERS
@@ -46,14 +49,16 @@ RAW_DIR = Path("data/MNIST/raw")
 KEPT = ("fid", "kid_mean", "precision", "recall", "class_tv")
 
 
-def sampler_option(text: str) -> tuple[str, int, bool]:
-    """``name:steps`` or ``name:steps:clip`` (x0 clipped to the data range in every step)."""
-    name, steps, *clip = text.split(":")
+def sampler_option(text: str) -> tuple[str, int, bool, str]:
+    """``name:steps`` with ``:clip`` (x0 clipped to the data range in every step) and/or
+    ``:unit`` (start from eps_T) after it: (name, steps, clip, prior)."""
+    name, steps, *flags = text.split(":")
     if (name not in SAMPLERS or not steps.isdigit() or int(steps) < 1
-            or clip not in ([], ["clip"])):
+            or not set(flags) <= {"clip", "unit"}):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not allowed: use ancestral:STEPS or ddim:STEPS, optionally with :clip")
-    return name, int(steps), bool(clip)
+            f"{text!r} is not allowed: use ancestral:STEPS or ddim:STEPS, optionally with :clip "
+            "and :unit")
+    return name, int(steps), "clip" in flags, "unit" if "unit" in flags else "exact"
 
 
 def override(text: str) -> tuple[str, object]:
@@ -67,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ddpm", help="a model of params.yaml's models")
-    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--epochs", type=int, default=0, help="required unless --from")
     parser.add_argument("--eval-at", default="", help="comma-separated epochs (default: the last)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="default: params.yaml's")
@@ -81,7 +86,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--grids", type=Path, default=None, help="folder for 64-digit grids")
     parser.add_argument("--save", type=Path, default=None, help="folder for the model files")
+    parser.add_argument("--from", dest="model_file", type=Path, default=None,
+                        help="score this model file's EMA weights; train nothing")
     args = parser.parse_args()
+    if args.model_file is not None:
+        score_file(args)
+        return
+    if args.epochs < 1:
+        parser.error("--epochs N (N >= 1) is required unless --from FILE is given")
     overrides = dict(args.set) | {"train.epochs": args.epochs}
     overrides |= {"seed": args.seed} if args.seed is not None else {}
     overrides |= {"precision": args.precision} if args.precision else {}
@@ -91,7 +103,7 @@ def main() -> None:
         parser.error(str(error))
     if args.model not in params["models"]:
         parser.error(f"--model {args.model} is not one of params.yaml's models {params['models']}")
-    seed, samplers = params["seed"], args.sampler or [("ancestral", 100, False)]
+    seed, samplers = params["seed"], args.sampler or [("ancestral", 100, False, "exact")]
     eval_at = sorted({int(e) for e in args.eval_at.split(",") if e} or {args.epochs})
     extra_decays = [float(d) for d in args.ema.split(",") if d]
 
@@ -117,24 +129,13 @@ def main() -> None:
         for decay, ema in extra_emas.items():  # state.step counts the step just taken
             ema_update(ema, state.net, decay, state.step - 1)
 
-    def score(weights: str, net: torch.nn.Module, record, name: str, steps: int,
-              clip: bool) -> None:
+    def score(weights: str, net: torch.nn.Module, record, sampler: tuple) -> None:
         model = DiffusionModel(net, process, {"data_scale": config.data_scale}, precision=precision)
-        started = time.perf_counter()
-        images = model.sample(args.n_samples, steps=steps, sampler=name, eta=0.0, seed=seed,
-                              batch_size=1000, clip_x0=clip)
-        sample_seconds = time.perf_counter() - started
-        quality = reference.score(images)
-        row = {"epoch": record.epoch, "weights": weights, "sampler": name, "steps": steps,
-               "clip_x0": clip, "train_seconds": round(train_seconds, 1),
-               "sample_seconds": round(sample_seconds, 1), "heldout_loss": record.heldout_loss,
-               **{k: quality[k] for k in KEPT},
-               "class_fractions": [quality[f"class_fraction_{d}"] for d in range(10)]}
+        row = {"epoch": record.epoch, "weights": weights, "train_seconds": round(train_seconds, 1),
+               "heldout_loss": record.heldout_loss,
+               **score_model(model, reference, sampler, args, f"{args.model}_s{seed}_e{record.epoch:03d}_{weights}")}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "class_fractions"}), flush=True)
-        if args.grids:
-            save_grid(images[:64], args.grids / f"{args.model}_s{seed}_e{record.epoch:03d}_"
-                                                f"{weights}_{name}{steps}{'_clip' if clip else ''}.png")
 
     def on_epoch(state: TrainState, record) -> None:
         nonlocal train_seconds
@@ -149,13 +150,12 @@ def main() -> None:
                                             "train": params["train"], "seed": seed,
                                             "data_scale": config.data_scale,
                                             "epochs_trained": record.epoch})
-        for name, steps, clip in samplers:
-            score(f"ema{config.ema_decay:g}", state.ema, record, name, steps, clip)
-        name, steps, clip = samplers[0]
+        for sampler in samplers:
+            score(f"ema{config.ema_decay:g}", state.ema, record, sampler)
         for decay, ema in extra_emas.items():
-            score(f"ema{decay:g}", ema, record, name, steps, clip)
+            score(f"ema{decay:g}", ema, record, samplers[0])
         if args.raw:
-            score("raw", state.net, record, name, steps, clip)
+            score("raw", state.net, record, samplers[0])
         save_json(result(), args.json)
 
     def result() -> dict:
@@ -167,6 +167,43 @@ def main() -> None:
     train(state, process, train_images, test_images, config, on_epoch=on_epoch,
           progress=after_step if extra_emas else None)
     save_json(result(), args.json)
+
+
+def score_model(model: DiffusionModel, reference: Reference, sampler: tuple,
+                args: argparse.Namespace, grid_name: str) -> dict:
+    """Sample ``args.n_samples`` digits with ``sampler`` (name, steps, clip, prior) and score them."""
+    name, steps, clip, prior = sampler
+    started = time.perf_counter()
+    images = model.sample(args.n_samples, steps=steps, sampler=name, eta=0.0,
+                          seed=reference.seed, batch_size=1000, clip_x0=clip, prior=prior)
+    sample_seconds = time.perf_counter() - started
+    quality = reference.score(images)
+    if args.grids:
+        save_grid(images[:64], args.grids / f"{grid_name}_{name}{steps}{'_clip' if clip else ''}"
+                                            f"{'_unit' if prior == 'unit' else ''}.png")
+    return {"sampler": name, "steps": steps, "clip_x0": clip, "prior": prior,
+            "sample_seconds": round(sample_seconds, 1), **{k: quality[k] for k in KEPT},
+            "class_fractions": [quality[f"class_fraction_{d}"] for d in range(10)]}
+
+
+def score_file(args: argparse.Namespace) -> None:
+    """``--from``: every sampler on one model file's EMA weights."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.model_file, device=device, precision=args.precision or "auto")
+    seed = model.config.get("seed", 42) if args.seed is None else args.seed
+    classifier = load_classifier(Path("models/classifier/classifier.pt"), device)
+    test_images = load_mnist(RAW_DIR, train=False)[0].to(device)
+    train_images = load_mnist(RAW_DIR, train=True)[0].to(device)
+    reference = Reference.of(classifier, random_subset(test_images, args.n_samples, seed),
+                             random_subset(train_images, args.n_samples, seed), seed=seed)
+    rows = []
+    for sampler in args.sampler or [("ancestral", 100, False, "exact")]:
+        rows.append({"epoch": model.config.get("epochs_trained"),
+                     **score_model(model, reference, sampler, args, args.model_file.stem)})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "class_fractions"}), flush=True)
+        save_json({"model_file": str(args.model_file), "seed": seed, "n_samples": args.n_samples,
+                   "device": device_name(device), "torch": torch.__version__,
+                   "floor": {k: reference.floor[k] for k in KEPT}, "rows": rows}, args.json)
 
 
 if __name__ == "__main__":
