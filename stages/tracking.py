@@ -393,15 +393,7 @@ class Run:
                     tags: dict[str, str] | None = None) -> None:
         """A dataset as a run input (the run page's "Datasets"): its name, digest, source folder
         and what it was used for (``context``: training, evaluation)."""
-        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-
-        dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(source).resolve())),
-                              name=name, digest=digest)._to_mlflow_entity()
-        input_tags = [InputTag("mlflow.data.context", context),
-                      *(InputTag(k, v) for k, v in (tags or {}).items())]
-        self._safely(self.client.log_inputs, self.run_id, [DatasetInput(dataset, input_tags)])
+        self._safely(_log_dataset, self.client, self.run_id, name, digest, source, context, tags or {})
 
     @contextlib.contextmanager
     def system_metrics(self, resume: bool = False) -> Iterator[None]:
@@ -491,6 +483,19 @@ def log_pytorch_model(run_id: str, experiment_id: str, model_file: Path | str, n
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
         else:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
+def _log_dataset(client, run_id: str, name: str, digest: str, source: Path, context: str,
+                 tags: dict[str, str]) -> None:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(resolve_dataset_source(str(Path(source).resolve())), name=name,
+                          digest=digest)._to_mlflow_entity()
+    input_tags = [InputTag("mlflow.data.context", context),
+                  *(InputTag(key, value) for key, value in tags.items())]
+    client.log_inputs(run_id, [DatasetInput(dataset, input_tags)])
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
