@@ -169,9 +169,14 @@ def load_from_mlflow(uri: str, device: torch.device | str | None = None,
         if not (Path(uri) / MLFLOW_MODEL_FILE).is_file():
             raise FileNotFoundError(missing)
         return load(Path(uri) / MLFLOW_MODEL_FILE, device=device)
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if ":/" not in uri:  # a run id: its model is named after the run's "model" tag
-        name = mlflow.MlflowClient(tracking_uri).get_run(uri).data.tags.get("model", "model")
-        uri = f"runs:/{uri}/{name}"
+        uri = f"runs:/{uri}/{client.get_run(uri).data.tags.get('model', 'model')}"
+    parts = uri.removeprefix("models:/").split("/")
+    if uri.startswith("models:/") and len(parts) == 2 and parts[1].isdigit():
+        # A registered model's version, looked up in this store's registry (MLflow's own
+        # resolution would ask the default registry, not ``tracking_uri``).
+        uri = client.get_model_version_download_uri(parts[0], parts[1])
     with tempfile.TemporaryDirectory() as folder:  # the file is read into memory, then removed
         if uri.startswith("runs:/"):  # fetch only the weights file, not the pickle and the code
             path = Path(mlflow.artifacts.download_artifacts(

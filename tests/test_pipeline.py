@@ -175,9 +175,11 @@ def test_mlflow_training_run_has_image_steps_datasets_system_metrics_and_a_regis
         [logged] = client.search_logged_models([experiment.experiment_id],
                                                filter_string=f"source_run_id = '{run_id}'")
         assert logged.name == model
-        info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
-        assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
+        folder = Path(logged.artifact_location.removeprefix("file://"))
+        info = mlflow.models.Model.load(folder / "MLmodel")
+        assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 28, 28]
         assert info.signature.params.to_dict()[0]["name"] == "t"
+        assert info.saved_input_example_info is not None
         [version] = client.search_model_versions(f"name = '{model}'")
         assert version.run_id == run_id
         loaded = diffusion.load_from_mlflow(f"models:/{model}/{version.version}", device="cpu",
