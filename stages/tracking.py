@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 EXPERIMENT = "mnist-diffusion"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 SYSTEM_METRICS_INTERVAL_S = 5.0
 OWNER_TAG = "owner"  # host:pid:start of the process that runs it, to close runs of dead ones
 
@@ -299,6 +300,10 @@ class Run:
                 experiment_id = self.client.get_experiment_by_name(EXPERIMENT).experiment_id
         else:
             experiment_id = experiment.experiment_id
+        if experiment is None or experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            # MLflow 3's UI then opens the experiment on its model-training pages (runs, charts,
+            # models), not on the GenAI overview (traces, prompts).
+            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self._close_abandoned_runs(experiment_id, stage, keep=run_id)
         owner = _process_identity(os.getpid())
         tags = {"stage": stage, "git_commit": git_commit(), OWNER_TAG: owner}
@@ -487,12 +492,16 @@ def log_pytorch_model(run_id: str, experiment_id: str, model_file: Path | str, n
 
 def _log_dataset(client, run_id: str, name: str, digest: str, source: Path, context: str,
                  tags: dict[str, str]) -> None:
+    import warnings
+
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    dataset = MetaDataset(resolve_dataset_source(str(Path(source).resolve())), name=name,
-                          digest=digest)._to_mlflow_entity()
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": local is meant
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(source).resolve()))
+    dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
     input_tags = [InputTag("mlflow.data.context", context),
                   *(InputTag(key, value) for key, value in tags.items())]
     client.log_inputs(run_id, [DatasetInput(dataset, input_tags)])

@@ -95,6 +95,8 @@ def test_mlflow_holds_tagged_runs_with_user_source_and_nesting(pipeline):
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-diffusion")
+    # MLflow 3's UI opens such an experiment on its model-training pages, not the GenAI overview.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     by_stage = {run.data.tags["stage"]: run for run in runs}
     assert set(STAGES) - {"download"} <= set(by_stage)
