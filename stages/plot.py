@@ -1,20 +1,13 @@
 """DVC stage plot: figures that compare the models, drawn from the pipeline's own outputs.
 
-Writes seven PNGs to ``results/plot/`` (``diffusion.report``) and logs them to MLflow:
-
-- ``loss_curves.png``: train and held-out loss per epoch (``results/train/<model>/log.csv``).
-- ``samples.png``: the first 64 sampled digits of each model (``results/sample/<model>``).
-- ``degradation.png``: ``plot.n_digits`` test digits under each model's forward process
-  q(x_t | x0) (Ho et al. 2020, eq. 4) at t = round(f * n_T) for the fractions f of ``plot.t_show``,
-  with the schedules and noise stored in the model files.
-- ``trajectories.png``: x_t along ancestral sampling (Ho et al. 2020, Algorithm 2) of a few
-  digits per model, from t = n_T down to 0.
-- ``class_balance.png`` and ``precision_recall.png``: each model's samples beside real training
-  images (``results/evaluate/<model>/metrics.json``, quality and floor).
-- ``memorisation.png``: a few samples of each model beside their nearest training images in the
-  feature space of the stage ``classifier``'s network, with the median nearest-training distance
-  of ``MEMORISATION_CHECK`` samples and of as many held-out test digits: samples much closer to
-  the training set than unseen real digits are would be copies of it.
+Writes seven PNGs to ``results/plot/`` (drawn by ``diffusion.report``) and logs them to MLflow:
+``loss_curves.png`` (``results/train/<model>/log.csv``), ``samples.png`` (the first 64 samples),
+``degradation.png`` (``plot.n_digits`` test digits under each model's forward process at the
+fractions ``plot.t_show`` of its n_T), ``trajectories.png`` (ancestral sampling from n_T to 0),
+``class_balance.png`` and ``precision_recall.png`` (each model beside real training images,
+from ``results/evaluate/<model>``), and ``memorisation.png`` (samples beside their nearest
+training images in the classifier's feature space, with the median nearest distance of
+``MEMORISATION_CHECK`` samples and of as many unseen test digits).
 """
 
 from __future__ import annotations

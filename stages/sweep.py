@@ -1,23 +1,12 @@
 """DVC stage sweep: FID against the number of sampling steps, for every model and sampler.
 
-This is the table of the DDGM paper (Nachmani, San Roman and Wolf 2021, FID for 10 ... 1000 steps;
-rows: Gaussian or Gamma noise, each with the DDPM (ancestral) and the DDIM sampler) on MNIST, with
-the features of the stage ``classifier``'s network in place of Inception-v3
-(``diffusion.evaluation.sweep``): for every sampler in ``sweep.samplers``, model of ``models``
-and step count in ``sweep.steps``, ``sweep.n_samples`` images from the model's EMA weights (the
-same ``seed`` in every cell; ``sweep.eta`` for DDIM; ``sweep.clip_x0`` clips each step's x0
-estimate) are scored against as many random MNIST test images, beside the floor (as many real
-training images). Outputs, in ``results/sweep/``:
-
-- ``table.json``  DVC metrics, the FIDs: {"n_samples", "floor_fid", "<model>_<sampler>": {"<steps>": FID}}
-- ``cells.json``  every score of every cell: {"n_samples", "floor": {...}, "<model>_<sampler>": {"<steps>": {...}}}
-- ``fid.csv``     DVC plot data: one row per step count, one FID column per ``<model>_<sampler>``
-- ``table.md``    the FID table in Markdown, rows = model x sampler, columns = steps
-- ``fid_vs_steps.png``  FID against steps (log x), one line per row, the floor dashed
-
-A step count above a model's n_T becomes n_T for that model (said once), so a smaller n_T needs no
-edit of ``sweep.steps``. ``precision`` sets the sampling arithmetic (the classifier stays float32,
-so FIDs compare across machines).
+The DDGM paper's table (Nachmani, San Roman and Wolf 2021: FID for 10 ... 1000 steps, rows of
+Gaussian or Gamma noise with the ancestral and the DDIM sampler) on MNIST, with the classifier
+stage's features in place of Inception-v3 (``diffusion.evaluation.sweep``): every cell draws
+``sweep.n_samples`` images from the same seed and scores them against as many random test
+images, beside the floor. A step count above a model's n_T runs its n_T steps (said once).
+Writes to ``results/sweep/``: ``table.json`` (the FIDs; DVC metrics), ``cells.json`` (every
+score of every cell), ``fid.csv`` (DVC plot data), ``table.md`` and ``fid_vs_steps.png``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
-"""DVC stage train@<model>: train the seed's CNN under the model's noise process.
+"""DVC stage train@<model>: train the model's network under its noise process.
 
 Writes ``models/<model>/model.pt`` (EMA weights, raw weights, config), ``models/<model>/run.json``
-(the MLflow run id, so later stages log next to it), ``results/train/<model>/log.csv`` (per-epoch
-train loss, held-out loss on the MNIST test set, images/s) and
-``results/train/<model>/grids/epoch_NNN.png`` (``diffusion.training.TrainLoop``).
-
-A killed run resumes from its last completed epoch on the next ``dvc repro``: the state is saved
-after every epoch under ``.resume/`` (outside DVC's outputs), keyed by the stage's params and
-input data, and removed once the stage finishes.
-
-Launched by ``torchrun --nproc_per_node=N -m stages.train <model>``, the N processes train one
-model data-parallel (diffusion/distributed.py: ``train.batch_size`` is per process, ``train.lr``
-is unchanged); rank 0 alone writes the outputs and the resume state and logs to MLflow.
+(the MLflow run id, so later stages log next to it) and, through ``diffusion.training.TrainLoop``,
+``results/train/<model>/log.csv`` and ``grids/epoch_NNN.png``. A killed run resumes from its last
+completed epoch on the next ``dvc repro``: the state is saved after every epoch under ``.resume/``
+(outside DVC's outputs), keyed by the stage's params and input data, and removed at the end.
+Under ``torchrun --nproc_per_node=N -m stages.train <model>`` the N processes train one model
+data-parallel (``train.batch_size`` per process); rank 0 alone writes and logs.
 """
 
 from __future__ import annotations
