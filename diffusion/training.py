@@ -281,7 +281,6 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
     return state
 
 
-
 # --- a whole run: per-epoch outputs and resume -----------------------------------------------
 GRID_SEED_OFFSET = 2  # the grids' fixed noise comes from seed + 2 (seed + 1 is the held-out noise)
 
