@@ -1,4 +1,5 @@
-"""The speed benchmark runs end to end with tiny settings and reports positive figures."""
+"""The speed benchmark runs end to end with tiny settings and reports positive figures; the
+quality curve tabulates and draws `benchmarks.quality` files."""
 
 from __future__ import annotations
 
@@ -47,3 +48,44 @@ def test_benchmark_refuses_more_steps_than_images(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "more than the 32 training images" in result.stderr
+
+
+def quality_run(model: str, net: str, fids: dict[int, float]) -> dict:
+    """A ``benchmarks.quality --json`` file's content: one EMA row per epoch, one raw row."""
+    row = {"weights": "ema0.999", "sampler": "ancestral", "steps": 100, "clip_x0": True,
+           "prior": "exact", "kid_mean": 1.0, "precision": 0.5, "recall": 0.4,
+           "class_tv": 0.2, "heldout_loss": 0.03}
+    rows = [{**row, "epoch": epoch, "fid": fid, "train_seconds": 60.0 * epoch}
+            for epoch, fid in fids.items()]
+    rows.append({**rows[-1], "weights": "raw", "fid": 999.0})
+    return {"model": model, "overrides": {"net.kind": net, "train.holdout_subset": 2000},
+            "n_samples": 2000, "floor": {"fid": 6.5, "kid_mean": 0.0, "precision": 0.9,
+                                         "recall": 0.9, "class_tv": 0.05}, "rows": rows}
+
+
+def test_curve_tabulates_every_ema_row_and_draws_the_figure(tmp_path):
+    paths = []
+    for model, net, fids in [("ddpm", "cnn", {6: 300.0, 10: 250.5}), ("ddgm", "unet", {1: 400.0})]:
+        paths.append(tmp_path / f"{model}.json")
+        paths[-1].write_text(json.dumps(quality_run(model, net, fids)))
+    out, table = tmp_path / "fig.png", tmp_path / "table.md"
+    subprocess.run([sys.executable, "-m", "benchmarks.curve", *map(str, paths), "--out", str(out),
+                    "--table", str(table)], check=True, cwd=REPO, capture_output=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = table.read_text().splitlines()
+    assert [line.split(" | ")[:4] for line in lines[2:4]] == [
+        ["| ddpm, cnn", "6", "ancestral 100, x0 clipped", "300.0"],
+        ["| ddpm, cnn", "10", "ancestral 100, x0 clipped", "250.5"]]
+    assert lines[5].startswith("| ddgm, unet | 1 |")
+    assert "999.0" not in table.read_text()              # the raw weights are not plotted
+    assert sum(line.startswith("| floor") for line in lines) == 2
+
+
+def test_curve_refuses_a_file_that_is_not_a_quality_run(tmp_path):
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps({"rows": []}))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.curve", str(path), "--out",
+                             str(tmp_path / "fig.png")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "is not a benchmarks.quality training run" in result.stderr
+    assert not (tmp_path / "fig.png").exists()
