@@ -100,17 +100,35 @@ def assert_same_model(path: Path, reference: Path) -> None:
     assert path.read_bytes() == reference.read_bytes()
 
 
+# Run in the stage's process: after the first resume state is saved, say so in a file and wait,
+# so that the signal lands between epochs 1 and 2 however slowly the test itself is scheduled.
+PAUSE_AFTER_FIRST_SAVE = """
+import pathlib, time
+from diffusion.training import Checkpoint
+original_save = Checkpoint.save
+def save_then_pause(self, state, **extra):
+    original_save(self, state, **extra)
+    marker = pathlib.Path('saved-once')
+    if not marker.exists():
+        marker.touch()
+        time.sleep(300)
+Checkpoint.save = save_then_pause
+"""
+
+
 def start_and_signal_after_epoch_1(root: Path, sig: int) -> tuple[subprocess.CompletedProcess, Path]:
-    """Start train@ddgm, send ``sig`` as soon as the resume state of epoch 1 exists."""
-    proc = subprocess.Popen(stage_cmd("train", "ddgm"), cwd=root, env=env_for(root),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Start train@ddgm, send ``sig`` once the resume state of epoch 1 is saved."""
+    proc = subprocess.Popen(stage_with(PAUSE_AFTER_FIRST_SAVE, "train", "ddgm"), cwd=root,
+                            env=env_for(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + 300
-    while not resume_files(root):
+    while not (root / "saved-once").exists():
         assert proc.poll() is None, f"train ended before its first checkpoint:\n{proc.communicate()}"
         assert time.monotonic() < deadline, "no resume state after 300 s"
         time.sleep(0.01)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
+    (root / "saved-once").unlink()
     [checkpoint] = resume_files(root)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), checkpoint
 
@@ -647,10 +665,15 @@ def runs_of(root: Path, stage: str) -> list:
             if run.data.tags.get("stage") == stage]
 
 
+def stage_with(patch: str, stage: str, *args: str) -> list[str]:
+    """The command of ``python -m stages.<stage> <args>`` run after the Python lines ``patch``."""
+    argv = [f"stages.{stage}", *args]
+    return [sys.executable, "-c", f"import runpy, sys\n{patch}\nsys.argv = {argv!r}\n"
+            f"runpy.run_module('stages.{stage}', run_name='__main__')\n"]
+
+
 def sample_stage_with(patch: str) -> list[str]:
-    """The command of ``python -m stages.sample ddgm`` run after the Python lines ``patch``."""
-    return [sys.executable, "-c", f"import runpy, sys\n{patch}\nsys.argv = ['stages.sample', 'ddgm']\n"
-            "runpy.run_module('stages.sample', run_name='__main__')\n"]
+    return stage_with(patch, "sample", "ddgm")
 
 
 def test_store_creation_killed_at_any_moment_leaves_a_store_the_next_stage_opens(reference, tmp_path):

@@ -57,7 +57,8 @@ def executed(tmp_path_factory: pytest.TempPathFactory, mnist_raw_dir: Path):
     mp.setenv("DVC_NO_ANALYTICS", "1")
     notebook = nbformat.read(root / "notebooks" / NOTEBOOK.name, as_version=4)
     try:
-        NotebookClient(notebook, kernel_name="python3", timeout=300,
+        # timeout is per cell; one cell runs the whole tiny pipeline (dvc exp run)
+        NotebookClient(notebook, kernel_name="python3", timeout=900,
                        resources={"metadata": {"path": str(root / "notebooks")}}).execute()
     finally:
         mp.undo()

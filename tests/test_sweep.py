@@ -162,8 +162,8 @@ def test_fid_csv_is_the_plot_data(swept):
 def test_table_md_and_png(swept):
     text = (swept / "results/sweep/table.md").read_text()
     noise = {"ddpm": "gaussian", "ddgm": "gamma"}
-    for model, sampler in [c.split("_") for c in COLUMNS]:
-        assert f"| {report.label(model, noise[model], sampler, 0.0)} |" in text
+    for model, sampler in [c.split("_") for c in COLUMNS]:  # x0 clipped: sweep.clip_x0's default
+        assert f"| {report.label(model, noise[model], sampler, 0.0, clip_x0=True)} |" in text
     assert "16 generated images" in text and "Floor" in text and "Device: cpu" in text
     with Image.open(swept / "results/sweep/fid_vs_steps.png") as image:
         image.load()
