@@ -2,8 +2,9 @@
 
     python -m benchmarks.curve ddpm.json ddgm.json --out fid_vs_epochs.png --table table.md
 
-One line per (run, sampler) of the EMA weights: FID against the epoch, with each run's floor
-(as many real training digits) dashed. The table lists every scored row with KID, precision,
+One line per (run, sampler) of the EMA weights: FID against the epoch (or, with ``--x
+train_seconds``, the training time so far), with each run's floor (as many real training
+digits) dashed. The table lists every scored row with KID, precision,
 recall, class balance, held-out loss and the training time so far.
 """
 
@@ -37,19 +38,20 @@ def ema_rows(run: dict) -> list[dict]:
     return [row for row in run["rows"] if row.get("weights", "ema").startswith("ema")]
 
 
-def curve_figure(runs: list[dict]) -> Figure:
+def curve_figure(runs: list[dict], x: str = "epoch") -> Figure:
+    """``x``: ``epoch`` or ``train_seconds`` (runs of different networks compare at equal time)."""
     figure = Figure(figsize=(7.5, 4.5))
     ax = figure.subplots()
     for run in runs:
         samplers = sorted({sampler_label(row) for row in ema_rows(run)})
         for name in samplers:
             rows = sorted((r for r in ema_rows(run) if sampler_label(r) == name),
-                          key=lambda r: r["epoch"])
-            ax.plot([r["epoch"] for r in rows], [r["fid"] for r in rows], marker="o",
+                          key=lambda r: r[x])
+            ax.plot([r[x] for r in rows], [r["fid"] for r in rows], marker="o",
                     label=f"{run_label(run)}: {name}")
         ax.axhline(run["floor"]["fid"], linestyle="--", linewidth=0.8, color="grey")
     ax.set_yscale("log")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel({"epoch": "epoch", "train_seconds": "training time (s)"}[x])
     ax.set_ylabel(f"FID, {runs[0]['n_samples']} samples (log scale)")
     ax.set_title("FID against training (dashed: real training digits)")
     ax.legend(fontsize=7)
@@ -79,6 +81,8 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="benchmarks.quality --json files")
     parser.add_argument("--out", type=Path, required=True, help="the figure (.png)")
     parser.add_argument("--table", type=Path, default=None, help="also write the markdown table")
+    parser.add_argument("--x", choices=["epoch", "train_seconds"], default="epoch",
+                        help="the horizontal axis")
     args = parser.parse_args()
     runs = []
     for path in args.runs:
@@ -86,7 +90,7 @@ def main() -> None:
         if "model" not in run or not ema_rows(run):
             parser.error(f"{path} is not a benchmarks.quality training run with scored rows")
         runs.append(run)
-    save_figure(curve_figure(runs), args.out)
+    save_figure(curve_figure(runs, args.x), args.out)
     table = markdown(runs)
     print(table, end="")
     if args.table:

@@ -70,6 +70,7 @@ def test_curve_tabulates_every_ema_row_and_draws_the_figure(tmp_path):
         paths[-1].write_text(json.dumps(quality_run(model, net, fids)))
     out, table = tmp_path / "fig.png", tmp_path / "table.md"
     subprocess.run([sys.executable, "-m", "benchmarks.curve", *map(str, paths), "--out", str(out),
+                    "--x", "train_seconds",
                     "--table", str(table)], check=True, cwd=REPO, capture_output=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = table.read_text().splitlines()
