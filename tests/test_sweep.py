@@ -22,7 +22,7 @@ from diffusion import report
 from diffusion.classifier import MnistClassifier, save_classifier
 from diffusion.io import save_json
 from diffusion.model import save_model
-from diffusion.network import DenoiserCNN
+from diffusion.network import make_network
 from diffusion.process import GammaProcess, GaussianProcess
 from stages import sweep
 from tests.helpers import REPO, TINY_PARAMS, merge, write_synthetic_mnist
@@ -36,16 +36,19 @@ TINY = {**TINY_PARAMS,  # the pipeline tests' tiny values (n_T = 10), with this 
 N_TEST = 32
 
 
-def build_inputs(root: Path, ddgm_n_T: int = 10, sweep_params: dict | None = None) -> Path:
-    """A folder the stage can run in (see the module docstring)."""
+def build_inputs(root: Path, ddgm_n_T: int = 10, sweep_params: dict | None = None,
+                 net_config: dict | None = None, options: dict | None = None) -> Path:
+    """A folder the stage can run in (see the module docstring); ``net_config`` (default: a tiny
+    CNN) and ``options`` (per model: ``schedule``, ``target``) change the saved models."""
     root.mkdir(parents=True, exist_ok=True)
     write_synthetic_mnist(root / "data" / "MNIST" / "raw", n_train=64, n_test=N_TEST)
-    net_config = {"hidden": [8, 8], "activation": "gelu"}
-    processes = {"ddpm": GaussianProcess((1e-4, 0.02), 10),
-                 "ddgm": GammaProcess((1e-4, 0.02), ddgm_n_T, 0.001)}
+    net_config = net_config or {"hidden": [8, 8], "activation": "gelu"}
+    options = options or {}
+    processes = {"ddpm": GaussianProcess((1e-4, 0.02), 10, **options.get("ddpm", {})),
+                 "ddgm": GammaProcess((1e-4, 0.02), ddgm_n_T, 0.001, **options.get("ddgm", {}))}
     for i, (name, process) in enumerate(processes.items()):
         torch.manual_seed(i)
-        net = DenoiserCNN(tuple(net_config["hidden"]), net_config["activation"])
+        net = make_network(net_config)
         save_model(root / "models" / name / "model.pt", net, net, process,
                    {"model": name, "net": net_config})
         save_json({"run_id": "none", "experiment_id": "0"}, root / "models" / name / "run.json")
@@ -225,3 +228,18 @@ def test_more_samples_than_test_images_fails_and_writes_nothing(tmp_path, monkey
     assert not (root / "results").exists()
     _, runs = mlflow_runs(root)
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_the_sweep_runs_unchanged_on_unets_with_the_cosine_schedule_and_other_targets(
+        tmp_path, monkeypatch):
+    unet = {"kind": "unet", "channels": [8, 16], "blocks": 1, "attention": True,
+            "activation": "silu"}
+    root = build_inputs(tmp_path, net_config=unet,
+                        options={"ddpm": {"schedule": "cosine", "target": "v"},
+                                 "ddgm": {"schedule": "cosine", "target": "x0"}})
+    run_stage(root, monkeypatch)
+    table = json.loads((root / "results/sweep/table.json").read_text())
+    assert set(table) == {"n_samples", "floor_fid", *COLUMNS}
+    for column in COLUMNS:
+        assert sorted(map(int, table[column])) == STEPS
+        assert all(math.isfinite(fid) and fid >= 0 for fid in table[column].values())
