@@ -102,8 +102,11 @@ def assert_same_model(path: Path, reference: Path) -> None:
 
 # Run in the stage's process: after the first resume state is saved, say so in a file and wait,
 # so that the signal lands between epochs 1 and 2 however slowly the test itself is scheduled.
+# Ctrl-C is handled as on a terminal even where the tests run as a background job, whose
+# children inherit SIGINT ignored.
 PAUSE_AFTER_FIRST_SAVE = """
-import pathlib, time
+import pathlib, signal, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from diffusion.training import Checkpoint
 original_save = Checkpoint.save
 def save_then_pause(self, state, **extra):
