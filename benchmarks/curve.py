@@ -16,7 +16,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from diffusion.io import atomic_path
+from diffusion.io import save_text
 from diffusion.report import save_figure
 
 
@@ -43,10 +43,10 @@ def curve_figure(runs: list[dict], x: str = "epoch") -> Figure:
     figure = Figure(figsize=(7.5, 4.5))
     ax = figure.subplots()
     for run in runs:
-        samplers = sorted({sampler_label(row) for row in ema_rows(run)})
-        for name in samplers:
-            rows = sorted((r for r in ema_rows(run) if sampler_label(r) == name),
-                          key=lambda r: r[x])
+        lines: dict[str, list[dict]] = {}
+        for row in sorted(ema_rows(run), key=lambda r: r[x]):
+            lines.setdefault(sampler_label(row), []).append(row)
+        for name, rows in sorted(lines.items()):
             ax.plot([r[x] for r in rows], [r["fid"] for r in rows], marker="o",
                     label=f"{run_label(run)}: {name}")
         ax.axhline(run["floor"]["fid"], linestyle="--", linewidth=0.8, color="grey")
@@ -94,8 +94,7 @@ def main() -> None:
     table = markdown(runs)
     print(table, end="")
     if args.table:
-        with atomic_path(args.table) as tmp:
-            tmp.write_text(table)
+        save_text(table, args.table)
 
 
 if __name__ == "__main__":
