@@ -12,7 +12,8 @@ one; the overrides are validated as params.yaml is) on its training set, and at 
 as the evaluate stage does (``diffusion.evaluation.Reference``): FID, KID, precision, recall
 and class balance on the classifier stage's features, against as many random test digits,
 with the floor (as many real training digits) beside them. ``--ema`` keeps further EMAs of the
-same training run (same warm-up) and ``--raw`` scores the raw weights too, each with the first
+same training run (``decay`` or ``decay:K``, K the warm-up constant of
+``diffusion.training.ema_decay_at``, 10 by default) and ``--raw`` scores the raw weights too, each with the first
 sampler, so EMA decays compare at equal training. ``--save`` writes the model file at each
 evaluated epoch. ``--from FILE`` trains nothing: it scores the EMA weights of a model file
 (``--save``'s or the train stage's) with every sampler; ``name:steps:unit`` starts sampling
@@ -61,6 +62,12 @@ def sampler_option(text: str) -> tuple[str, int, bool, str]:
     return name, int(steps), "clip" in flags, "unit" if "unit" in flags else "exact"
 
 
+def ema_option(text: str) -> tuple[float, float]:
+    """``decay`` or ``decay:K``: an EMA with that decay and warm-up constant (default 10)."""
+    decay, _, warmup = text.partition(":")
+    return float(decay), float(warmup or 10)
+
+
 def override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -80,7 +87,8 @@ def main() -> None:
     parser.add_argument("-S", "--set", type=override, action="append", default=[],
                         metavar="KEY=VALUE", help="a params.yaml value, as dvc exp run -S")
     parser.add_argument("--sampler", type=sampler_option, action="append", default=None)
-    parser.add_argument("--ema", default="", help="comma-separated further EMA decays to score")
+    parser.add_argument("--ema", default="",
+                        help="comma-separated further EMAs to score: decay or decay:K (warm-up)")
     parser.add_argument("--raw", action="store_true", help="score the raw weights too")
     parser.add_argument("--n-samples", type=int, default=2000)
     parser.add_argument("--json", type=Path, required=True)
@@ -105,7 +113,7 @@ def main() -> None:
         parser.error(f"--model {args.model} is not one of params.yaml's models {params['models']}")
     seed, samplers = params["seed"], args.sampler or [("ancestral", 100, False, "exact")]
     eval_at = sorted({int(e) for e in args.eval_at.split(",") if e} or {args.epochs})
-    extra_decays = [float(d) for d in args.ema.split(",") if d]
+    extra_decays = [ema_option(d) for d in args.ema.split(",") if d]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(params["precision"], device)
@@ -126,8 +134,8 @@ def main() -> None:
     train_seconds = 0.0
 
     def after_step(step: int, steps: int) -> None:
-        for decay, ema in extra_emas.items():  # state.step counts the step just taken
-            ema_update(ema, state.net, decay, state.step - 1)
+        for (decay, warmup), ema in extra_emas.items():  # state.step counts the step just taken
+            ema_update(ema, state.net, decay, state.step - 1, warmup)
 
     def score(weights: str, net: torch.nn.Module, record, sampler: tuple) -> None:
         model = DiffusionModel(net, process, {"data_scale": config.data_scale}, precision=precision)
@@ -151,9 +159,9 @@ def main() -> None:
                                             "data_scale": config.data_scale,
                                             "epochs_trained": record.epoch})
         for sampler in samplers:
-            score(f"ema{config.ema_decay:g}", state.ema, record, sampler)
-        for decay, ema in extra_emas.items():
-            score(f"ema{decay:g}", ema, record, samplers[0])
+            score(f"ema{config.ema_decay:g}:{config.ema_warmup:g}", state.ema, record, sampler)
+        for (decay, warmup), ema in extra_emas.items():
+            score(f"ema{decay:g}:{warmup:g}", ema, record, samplers[0])
         if args.raw:
             score("raw", state.net, record, samplers[0])
         save_json(result(), args.json)

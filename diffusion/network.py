@@ -163,57 +163,66 @@ class SelfAttention(nn.Module):
 class UNet(nn.Module):
     """A small U-Net for 1 x 28 x 28 images; ``t`` is the timestep divided by n_T.
 
-    ``channels`` = (c28, c14): the widths at 28 x 28 and at 14 x 14; ``blocks`` residual blocks
-    per resolution on the way down (one more on the way up, which also takes the skip);
-    ``attention`` adds self-attention in the middle, at 14 x 14. The output convolution starts
-    at zero, so the untrained network predicts 0 (improved-diffusion does the same).
+    ``channels`` gives one width per resolution, from 28 x 28 down: two widths use 28 and 14,
+    three use 28, 14 and 7. Each resolution has ``blocks`` residual blocks on the way down and
+    one more on the way up (the first of which takes the skip from the way down); two blocks
+    sit at the lowest resolution, with self-attention between them if ``attention``. Attention
+    at 7 x 7 attends over 49 positions, at 14 x 14 over 196: on a CPU its cost grows with the
+    square of that. The output convolution starts at zero, so the untrained network predicts 0
+    (improved-diffusion does the same).
     """
 
-    def __init__(self, channels: tuple[int, int] = (64, 128), blocks: int = 1,
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), blocks: int = 1,
                  attention: bool = True, activation: str = "silu", in_channels: int = 1) -> None:
         super().__init__()
-        if len(channels) != 2:
-            raise ValueError(f"channels must give two widths (28 x 28, 14 x 14), got {channels}")
-        c0, c1 = channels
-        act, embedding = ACTIVATIONS[activation], 4 * c0
+        if not 2 <= len(channels) <= 3:
+            raise ValueError(f"channels must give two or three widths (28, 14[, 7]), got {channels}")
+        act, embedding = ACTIVATIONS[activation], 4 * channels[0]
         self.time_encoding = TimeEncoding(embedding, act, width=embedding)
-        self.stem = nn.Conv2d(in_channels, c0, 3, padding=1)
-        self.down0 = nn.ModuleList(ResidualBlock(c0, c0, embedding, act) for _ in range(blocks))
-        self.downsample = nn.Conv2d(c0, c0, 3, stride=2, padding=1)  # 28 -> 14
-        self.down1 = nn.ModuleList(ResidualBlock(c0 if i == 0 else c1, c1, embedding, act)
-                                   for i in range(blocks))
-        self.middle = nn.ModuleList([ResidualBlock(c1, c1, embedding, act),
-                                     ResidualBlock(c1, c1, embedding, act)])
-        self.attention = SelfAttention(c1) if attention else nn.Identity()
-        self.up1 = nn.ModuleList(ResidualBlock(2 * c1 if i == 0 else c1, c1, embedding, act)
-                                 for i in range(blocks + 1))
-        self.upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                      nn.Conv2d(c1, c1, 3, padding=1))  # 14 -> 28
-        self.up0 = nn.ModuleList(ResidualBlock(c1 + c0 if i == 0 else c0, c0, embedding, act)
-                                 for i in range(blocks + 1))
-        self.head = nn.Sequential(nn.GroupNorm(math.gcd(8, c0), c0), act(),
-                                  nn.Conv2d(c0, in_channels, 3, padding=1))
+        self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        width = channels[0]
+        for level, c in enumerate(channels):
+            if level > 0:  # halve the resolution: 28 -> 14 -> 7
+                self.downsample.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+            self.down.append(nn.ModuleList(
+                ResidualBlock(width if i == 0 else c, c, embedding, act) for i in range(blocks)))
+            width = c
+        self.middle = nn.ModuleList([ResidualBlock(width, width, embedding, act),
+                                     ResidualBlock(width, width, embedding, act)])
+        self.attention = SelfAttention(width) if attention else nn.Identity()
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for level in reversed(range(len(channels))):
+            c = channels[level]
+            self.up.append(nn.ModuleList(ResidualBlock(width + c if i == 0 else c, c, embedding, act)
+                                         for i in range(blocks + 1)))
+            width = c
+            if level > 0:  # double the resolution: 7 -> 14 -> 28
+                self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                                   nn.Conv2d(c, c, 3, padding=1)))
+        self.head = nn.Sequential(nn.GroupNorm(math.gcd(8, width), width), act(),
+                                  nn.Conv2d(width, in_channels, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.time_encoding(t)
         h = self.stem(x)
-        for block in self.down0:
-            h = block(h, emb)
-        skip0 = h
-        h = self.downsample(h)
-        for block in self.down1:
-            h = block(h, emb)
-        skip1 = h
+        skips = []
+        for level, blocks in enumerate(self.down):
+            if level > 0:
+                h = self.downsample[level - 1](h)
+            for block in blocks:
+                h = block(h, emb)
+            skips.append(h)
         h = self.attention(self.middle[0](h, emb))
         h = self.middle[1](h, emb)
-        h = torch.cat([h, skip1], dim=1)
-        for block in self.up1:
-            h = block(h, emb)
-        h = torch.cat([self.upsample(h), skip0], dim=1)
-        for block in self.up0:
-            h = block(h, emb)
+        for level, blocks in enumerate(self.up):
+            if level > 0:
+                h = self.upsample[level - 1](h)
+            h = torch.cat([h, skips.pop()], dim=1)
+            for block in blocks:
+                h = block(h, emb)
         return self.head(h)
 
 

@@ -182,6 +182,36 @@ class NoiseProcess(nn.Module):
         a, s = self._a_s(t, x_t)
         return (x_t - s * eps) / a
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """The signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of x_t, float64: the noise
+        has unit variance under either law, so this is the same for Gaussian and Gamma noise."""
+        alpha_bar = self.alpha_bar[t]
+        return alpha_bar / (1.0 - alpha_bar)
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Per-image weights of the target's squared error for min-SNR-gamma training (Hang et
+        al. 2023): the loss becomes min(SNR_t, gamma) ||x0_hat - x0||^2 for every target.
+
+        From x_t = a x0 + s eps (a^2 + s^2 = 1, SNR = a^2 / s^2), the x0 error of each target's
+        prediction is x0_hat - x0 = -(s / a)(eps_hat - eps) = -s (v_hat - v), so
+        ||x0_hat - x0||^2 = ||eps_hat - eps||^2 / SNR = ||v_hat - v||^2 / (1 + SNR), and the
+        weights on the target's own error are min(SNR, gamma) / SNR = min(1, gamma / SNR) (eps),
+        min(SNR, gamma) (x0) and min(SNR, gamma) / (SNR + 1) (v). The identities are algebra on
+        eq. 4 alone, so they hold for Gamma noise too: the weighting moves the loss's emphasis
+        away from low-noise steps (SNR > gamma) in the same way, whichever law drew eps; what
+        the weighting cannot change is that the eps_hat which minimises the loss is the
+        conditional mean of a skewed variable under Gamma noise.
+        """
+        snr = self.snr(t)
+        clipped = snr.clamp(max=gamma)
+        if self.target == "eps":
+            weight = clipped / snr
+        elif self.target == "x0":
+            weight = clipped
+        else:
+            weight = clipped / (snr + 1.0)
+        return weight.float()
+
     def prior(self, shape: tuple[int, ...], *,
               generator: torch.Generator | None = None) -> torch.Tensor:
         """x_T drawn from the forward marginal with x0 = 0: sqrt(1 - alpha_bar_T) eps_T.

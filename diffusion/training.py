@@ -63,6 +63,10 @@ class TrainConfig:
     lr: float = 2e-4
     ema_decay: float = 0.999  # 0: the EMA is the raw weights
     warmup: int = 0           # steps of linear lr warm-up from 0 (0: none)
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine | linear decay
+    lr_floor: float = 0.0     # cosine/linear: the lr at the last step, as a fraction of lr
+    min_snr_gamma: float = 0.0  # min-SNR-gamma loss weights (Hang et al. 2023); 0: plain MSE
+    ema_warmup: float = 10.0  # K of the EMA warm-up min(decay, (1 + step) / (K + step))
     grad_clip: float = 0.0    # clip the gradient's global L2 norm to this (0: no clipping)
     grid_every: int = 10      # TrainLoop: a sample grid every N epochs, and after the last
     grid_size: int = 16       # TrainLoop: digits per grid
@@ -114,12 +118,52 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def ema_update(ema: nn.Module, net: nn.Module, decay: float, step: int) -> None:
-    """ema <- d * ema + (1 - d) * net, with d warmed up as min(decay, (1 + step)/(10 + step)).
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of a run of ``total_steps``.
+
+    A linear warm-up from lr / warmup to lr over the first ``warmup`` steps, then ``constant``,
+    or a decay from lr at the end of the warm-up to ``lr_floor * lr`` at the last step:
+    ``cosine`` (floor + (1 - floor) (1 + cos(pi p)) / 2, Loshchilov and Hutter 2017, without
+    restarts) or ``linear`` (1 - (1 - floor) p), with p the fraction of the decay done. A pure
+    function of the step, so a resumed run continues on the same curve.
+    """
+    lr = config.lr * min(1.0, (step + 1) / config.warmup) if config.warmup > 0 else config.lr
+    if config.lr_schedule == "constant" or step < config.warmup:
+        return lr
+    progress = min(1.0, (step - config.warmup) / max(1, total_steps - 1 - config.warmup))
+    if config.lr_schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif config.lr_schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}: allowed are "
+                         f"{', '.join(map(repr, LR_SCHEDULES))}")
+    return lr * (config.lr_floor + (1.0 - config.lr_floor) * decay)
+
+
+def ema_decay_at(step: int, decay: float, warmup: float = 10.0) -> float:
+    """The EMA decay of step ``step`` (0-based): min(decay, (1 + step) / (warmup + step)).
+
+    With K = ``warmup``, (1 + s) / (K + s) ~ (1 - 1/s)^(K - 1): the EMA is then close to the
+    power-function EMA of Karras et al. (2024, eq. 3) with exponent K - 2, an average over about
+    the last 1/(K - 1) of the steps taken so far, whatever the run's length, until ``decay``
+    caps it (at step (K decay - 1) / (1 - decay): 8991 for the defaults, 19 epochs of 469
+    steps). K = 10 (improved-diffusion's choice) averages over the last ~11 %; smaller K averages
+    longer, larger K follows the raw weights more closely.
+    """
+    return min(decay, (1 + step) / (warmup + step))
+
+
+def ema_update(ema: nn.Module, net: nn.Module, decay: float, step: int,
+               warmup: float = 10.0) -> None:
+    """ema <- d * ema + (1 - d) * net with d = ``ema_decay_at(step, decay, warmup)``.
 
     The warm-up keeps short runs (a few hundred steps) from sampling with near-initial weights.
     """
-    d = min(decay, (1 + step) / (10 + step))
+    d = ema_decay_at(step, decay, warmup)
     with torch.no_grad():
         ema_params = list(ema.parameters())
         torch._foreach_lerp_(ema_params, list(net.parameters()), 1.0 - d)
@@ -143,13 +187,19 @@ def noise_generator(device: torch.device, seed: int, epoch: int, rank: int) -> t
 
 
 def denoising_loss(net: nn.Module, process: NoiseProcess, x0: torch.Tensor, t: torch.Tensor,
-                   eps: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+                   eps: torch.Tensor, precision: str = "auto",
+                   min_snr_gamma: float = 0.0) -> torch.Tensor:
     """MSE between the network's prediction at x_t and the process's target: eps (Ho eq. 14),
-    x0 or v, each weighted alike."""
+    x0 or v; each image's error weighted by ``process.min_snr_weight(t, min_snr_gamma)`` when
+    ``min_snr_gamma`` > 0 (else alike)."""
     x_t = process.q_sample(x0, t, eps)
     with autocast(x0.device, precision):
         prediction = net(x_t, t.float() / process.n_T)
-    return torch.mean((prediction.float() - process.training_target(x0, eps, t)) ** 2)
+    error = (prediction.float() - process.training_target(x0, eps, t)) ** 2
+    if min_snr_gamma <= 0:
+        return error.mean()
+    weight = process.min_snr_weight(t, min_snr_gamma).to(error.dtype)
+    return (error.flatten(1).mean(1) * weight).mean()
 
 
 @torch.no_grad()
@@ -207,6 +257,7 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
     per_rank = math.ceil(n / world.world_size)
     steps_per_epoch = math.ceil(per_rank / config.batch_size)
     holdout = test_images[:config.holdout_subset] if config.holdout_subset else test_images
+    total_steps = config.epochs * steps_per_epoch  # the length the lr schedule is fitted to
     model = state.net
     if world.parallel:
         model = DistributedDataParallel(
@@ -232,16 +283,17 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
             t = torch.randint(1, process.n_T + 1, (x0.shape[0],), device=device,
                               generator=generator)
             eps = process.noise(t, x0.shape, generator=generator)
-            loss = denoising_loss(model, process, x0, t, eps, config.precision)
+            loss = denoising_loss(model, process, x0, t, eps, config.precision,
+                                  config.min_snr_gamma)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:  # the global norm, computed on the device: no host sync
                 nn.utils.clip_grad_norm_(state.net.parameters(), config.grad_clip, foreach=True)
-            if config.warmup > 0:  # linear warm-up, from the step count alone: resumes exactly
-                for group in state.optimizer.param_groups:
-                    group["lr"] = config.lr * min(1.0, (state.step + 1) / config.warmup)
+            lr = learning_rate(state.step, total_steps, config)  # from the step: resumes exactly
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
             state.optimizer.step()
-            ema_update(state.ema, state.net, config.ema_decay, state.step)
+            ema_update(state.ema, state.net, config.ema_decay, state.step, config.ema_warmup)
             state.step += 1
             # Device-side bookkeeping only: no .item() inside the epoch.
             loss_sum += loss.detach() * x0.shape[0]

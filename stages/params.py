@@ -36,6 +36,7 @@ from diffusion.network import ACTIVATIONS, NETWORKS, PRECISIONS
 from diffusion.process import (SCHEDULES, TARGETS, GammaProcess, GaussianProcess, ScheduleError,
                                make_process)
 from diffusion.sampling import PRIORS, SAMPLERS
+from diffusion.training import LR_SCHEDULES
 
 PARAMS_FILE = "params.yaml"
 MIN_METRIC_SAMPLES = 4    # precision/recall with k = 3 needs > k; FID needs >= 2
@@ -121,8 +122,8 @@ class Data(Section):
 
 
 def _multiples_of_8(widths: list[int]) -> list[int]:
-    if len(widths) != 2 or any(w % 8 for w in widths):
-        raise ValueError("not two multiples of 8")
+    if len(widths) not in (2, 3) or any(w % 8 for w in widths):
+        raise ValueError("not two or three multiples of 8")
     return widths
 
 
@@ -133,8 +134,8 @@ class Net(Section):
     kind: Literal[NETWORKS]
     hidden: NonEmpty(Int(1, 1024))
     channels: Annotated[list[Int(8, 1024)], AfterValidator(_multiples_of_8), Allowed(
-        "a list [c28, c14] of two multiples of 8 in [8, 1024]: the U-Net's widths at 28 x 28 "
-        "and at 14 x 14 (GroupNorm in groups of 8)")]
+        "a list [c28, c14] or [c28, c14, c7] of multiples of 8 in [8, 1024]: the U-Net's "
+        "widths at 28 x 28, 14 x 14 and 7 x 7 (GroupNorm in groups of 8)")]
     blocks: Int(1, 8)
     attention: bool
     activation: Literal[tuple(ACTIVATIONS)]
@@ -166,6 +167,10 @@ class Train(Section):
     lr: LearningRate
     ema_decay: Float("0 = the raw weights", ge=0, lt=1)
     warmup: Int(0, 10**7, "steps of linear lr warm-up; 0 = none")
+    lr_schedule: Literal[LR_SCHEDULES]
+    lr_floor: Float("the last step's lr as a fraction of lr", ge=0, le=1)
+    min_snr_gamma: Float("0 = plain MSE", ge=0, le=1e4)
+    ema_warmup: Float("K of min(ema_decay, (1 + step) / (K + step))", gt=1, le=1e4)
     grad_clip: Float("the largest global gradient norm; 0 = no clipping", ge=0, le=1e6)
     grid_every: Int(1)
     grid_size: Int(1, 1024)

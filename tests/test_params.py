@@ -119,8 +119,13 @@ BAD = [  # (key, bad value, fragment of the allowed values)
     ("train.epochs", 10.0, "an integer in [1, 100000]"),     # a float is not an int
     ("net", [16, 32], "must be a mapping with keys kind, hidden, channels, blocks, attention, activation"),
     ("net.kind", "resnet", "one of cnn, unet"),
-    ("net.channels", [48, 100], "two multiples of 8"),
-    ("net.channels", [48], "two multiples of 8"),
+    ("net.channels", [48, 100], "[c28, c14] or [c28, c14, c7] of multiples of 8"),
+    ("net.channels", [48], "[c28, c14] or [c28, c14, c7] of multiples of 8"),
+    ("net.channels", [8, 16, 32, 64], "[c28, c14] or [c28, c14, c7] of multiples of 8"),
+    ("train.lr_schedule", "step", "one of constant, cosine, linear"),
+    ("train.lr_floor", 1.5, "a number in [0, 1]"),
+    ("train.min_snr_gamma", -1, "a number in [0, 10000.0]"),
+    ("train.ema_warmup", 1, "a number in (1, 10000.0]"),
     ("ddpm.schedule", "sigmoid", "one of linear, cosine"),
     ("ddgm.target", "score", "one of eps, x0, v"),
 ]

@@ -1,6 +1,7 @@
 """Training loop: determinism, exact resume, EMA warm-up and the non-finite loss guard."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from diffusion.network import DenoiserCNN, resolve_precision
 from diffusion.process import GammaProcess, GaussianProcess
 from diffusion.training import (NonFiniteLossError, TrainConfig, autocast, denoising_loss,
-                                ema_update, make_state, train)
+                                ema_decay_at, ema_update, learning_rate, make_state, train)
 
 CONFIG = TrainConfig(epochs=2, batch_size=32, lr=1e-3, ema_decay=0.99, holdout_subset=16, seed=5)
 
@@ -219,3 +220,99 @@ def test_data_scale_sets_the_range_the_network_is_trained_on(monkeypatch):
     bright = torch.full((80, 28, 28), 255, dtype=torch.uint8)
     train(fresh_state(config), GaussianProcess((1e-4, 0.02), 20), bright, bright[:16], config)
     assert seen and all(value == 0.5 for value in seen)
+
+
+# ---------------------------------------------------------------- the recipe for short runs
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decaying_lr_starts_at_lr_after_the_warm_up_and_ends_at_the_floor(schedule):
+    config = TrainConfig(lr=2e-3, warmup=10, lr_schedule=schedule, lr_floor=0.1)
+    total = 111  # the decay runs over steps 10..110: 100 steps
+    assert learning_rate(0, total, config) == pytest.approx(2e-3 / 10)
+    assert learning_rate(9, total, config) == pytest.approx(2e-3)      # the warm-up's last step
+    assert learning_rate(10, total, config) == pytest.approx(2e-3)     # the decay's first
+    assert learning_rate(total - 1, total, config) == pytest.approx(2e-4)  # floor * lr, at the end
+    assert learning_rate(10 * total, total, config) == pytest.approx(2e-4)  # and beyond it
+    middle = learning_rate(10 + 50, total, config)  # half-way through the decay: both give the mean
+    assert middle == pytest.approx(1.1e-3)
+    quarter = learning_rate(10 + 25, total, config)
+    expected = (0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2 if schedule == "cosine" else 0.1 + 0.9 * 0.75)
+    assert quarter == pytest.approx(2e-3 * expected)
+    lrs = [learning_rate(step, total, config) for step in range(10, total)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_constant_lr_is_the_lr_after_the_warm_up():
+    config = TrainConfig(lr=1e-3, warmup=0, lr_schedule="constant", lr_floor=0.5)
+    assert {learning_rate(step, 100, config) for step in (0, 50, 99, 1000)} == {1e-3}
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
+        learning_rate(20, 100, TrainConfig(lr_schedule="step"))
+
+
+def test_training_steps_follow_the_schedule_fitted_to_the_run():
+    config = TrainConfig(**{**CONFIG.__dict__, "epochs": 2, "warmup": 2, "lr_schedule": "cosine",
+                            "lr_floor": 0.0})
+    state = fresh_state(config)
+    seen = []
+    step = state.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(state.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    state.optimizer.step = recording_step
+    train(state, GaussianProcess((1e-4, 0.02), 20), images(), images(seed=1), config)
+    # 80 images / 32 = 3 steps per epoch, 6 in all: the warm-up, then cosine down to 0
+    assert seen == pytest.approx([learning_rate(s, 6, config) for s in range(6)])
+    assert seen[1] == pytest.approx(config.lr) and seen[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ema_warm_up_constant_sets_how_fast_the_decay_rises():
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)            # K = 10: 1/10 at the first step
+    assert ema_decay_at(0, 0.999, warmup=4) == pytest.approx(0.25)
+    assert ema_decay_at(90, 0.999, warmup=10) == pytest.approx(0.91)
+    assert ema_decay_at(90, 0.999, warmup=4) == pytest.approx(91 / 94)
+    assert ema_decay_at(8991, 0.999) == pytest.approx(0.999)       # the cap, 19 epochs of 469 steps
+    assert ema_decay_at(8980, 0.999) < 0.999
+    assert ema_decay_at(10**6, 0.999, warmup=4) == 0.999
+    net, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    net.weight.data.fill_(1.0)
+    ema.weight.data.fill_(0.0)
+    ema_update(ema, net, decay=0.999, step=0, warmup=4)
+    assert ema.weight.item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+@pytest.mark.parametrize("process_class", [GaussianProcess, GammaProcess])
+def test_min_snr_loss_is_the_clipped_snr_times_the_x0_error_for_every_target(target, process_class):
+    """Whatever the target, the weighted loss of a prediction equals
+    min(SNR, gamma) ||x0_hat - x0||^2, with x0_hat what the prediction implies."""
+    extra = (0.001,) if process_class is GammaProcess else ()
+    process = process_class((1e-4, 0.02), 1000, *extra, target=target)
+    gamma = 5.0
+    x0 = torch.rand(6, 1, 28, 28, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([1, 10, 100, 300, 600, 1000])
+    eps = process.noise(t, x0.shape, generator=torch.Generator().manual_seed(0)).double()
+    x_t = process.q_sample(x0, t, eps)
+    prediction = process.training_target(x0, eps, t) + 0.1 * torch.randn(x0.shape, dtype=torch.float64)
+    target_error = ((prediction - process.training_target(x0, eps, t)) ** 2).flatten(1).mean(1)
+    x0_error = ((process.eps_and_x0(x_t, t, prediction)[1] - x0) ** 2).flatten(1).mean(1)
+    snr = process.snr(t)
+    weight = process.min_snr_weight(t, gamma).double()
+    assert torch.allclose(weight * target_error, snr.clamp(max=gamma) * x0_error, rtol=1e-4)
+    closed_form = {"eps": (gamma / snr).clamp(max=1), "x0": snr.clamp(max=gamma),
+                   "v": snr.clamp(max=gamma) / (snr + 1)}[target]
+    assert torch.allclose(weight, closed_form)
+    assert snr[0] > gamma > snr[-1]  # both sides of the clip are tested
+
+
+def test_min_snr_gamma_weights_each_images_error_in_the_loss():
+    process = GaussianProcess((1e-4, 0.02), 1000)
+    net = DenoiserCNN((4, 4))
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    t = torch.tensor([1, 5, 500, 1000])
+    eps = torch.randn(4, 1, 28, 28)
+    per_image = torch.stack([denoising_loss(net, process, x0[i:i + 1], t[i:i + 1], eps[i:i + 1],
+                                            "fp32") for i in range(4)])
+    weighted = denoising_loss(net, process, x0, t, eps, "fp32", min_snr_gamma=5.0)
+    assert weighted.item() == pytest.approx((per_image * process.min_snr_weight(t, 5.0)).mean().item(), rel=1e-5)
+    assert denoising_loss(net, process, x0, t, eps, "fp32").item() == pytest.approx(per_image.mean().item(), rel=1e-5)
