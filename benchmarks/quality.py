@@ -36,18 +36,19 @@ from diffusion.classifier import load_classifier
 from diffusion.data import save_grid
 from diffusion.evaluation import Reference
 from diffusion.io import save_json
+from diffusion.metrics import HEADLINE_SCORES
 from diffusion.mnist import load_mnist, random_subset
 from diffusion.model import DiffusionModel, load, save_model
-from diffusion.network import PRECISIONS, make_network, resolve_precision
+from diffusion.network import make_network, resolve_precision
+from diffusion.options import PRECISIONS, SAMPLERS
 from diffusion.process import make_process
-from diffusion.sampling import SAMPLERS
 from diffusion.training import TrainConfig, TrainState, ema_update, make_state, train
 from benchmarks.speed import device_name
 from stages.params import ParamsError
+from stages.paths import CLASSIFIER_FILE, RAW_DIR
 from tools.quick import apply
 
-RAW_DIR = Path("data/MNIST/raw")
-KEPT = ("fid", "kid_mean", "precision", "recall", "class_tv")
+KEPT = tuple(score for score in HEADLINE_SCORES if score != "inception_score")
 
 
 def sampler_option(text: str) -> tuple[str, int, bool, str]:
@@ -127,7 +128,7 @@ def main() -> None:
     train_images = load_mnist(RAW_DIR, train=True)[0][:subset or None].to(device)
     test_images = load_mnist(RAW_DIR, train=False)[0].to(device)
 
-    classifier = load_classifier(Path("models/classifier/classifier.pt"), device)
+    classifier = load_classifier(CLASSIFIER_FILE, device)
     reference = Reference.of(classifier, random_subset(test_images, args.n_samples, seed),
                              random_subset(train_images, args.n_samples, seed), seed=seed)
     rows: list[dict] = []
@@ -199,7 +200,7 @@ def score_file(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.model_file, device=device, precision=args.precision or "auto")
     seed = model.config.get("seed", 42) if args.seed is None else args.seed
-    classifier = load_classifier(Path("models/classifier/classifier.pt"), device)
+    classifier = load_classifier(CLASSIFIER_FILE, device)
     test_images = load_mnist(RAW_DIR, train=False)[0].to(device)
     train_images = load_mnist(RAW_DIR, train=True)[0].to(device)
     reference = Reference.of(classifier, random_subset(test_images, args.n_samples, seed),

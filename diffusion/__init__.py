@@ -6,26 +6,39 @@
     x_t = model.corrupt(digits, t=500, seed=0)                # forward process q(x_t | x0)
     x0_hat = model.denoise(x_t, t=500)                        # one-step estimate of x0
 
-Importing this package loads torch but neither MLflow nor DVC; ``load_from_mlflow`` imports
-MLflow when called. The submodules (``diffusion.process``, ``.sampling``, ``.training``, ...)
-hold the rest.
+The names below are imported on first use (PEP 562), so ``import diffusion.mnist`` runs the
+MNIST reader alone, not the networks and samplers. Neither MLflow nor DVC is imported here;
+``load_from_mlflow`` imports MLflow when called.
 """
 
-from diffusion.model import DiffusionModel, default_device, load, load_from_mlflow, save_model
-from diffusion.network import DenoiserCNN
-from diffusion.process import GammaProcess, GaussianProcess, NoiseProcess, make_process
-from diffusion.sampling import sample
+from __future__ import annotations
 
-__all__ = [
-    "DiffusionModel",   # trained network + noise process: sample, denoise, corrupt
-    "load",             # a model file (models/<name>/model.pt) -> DiffusionModel
-    "load_from_mlflow", # a run id or MLflow model URI -> DiffusionModel
-    "save_model",       # write a model file from a network, its EMA copy and a process
-    "DenoiserCNN",      # the eps-predicting CNN
-    "NoiseProcess",     # base class: schedule, forward process, noise
-    "GaussianProcess",  # DDPM
-    "GammaProcess",     # DDGM
-    "make_process",     # a process from its config dict
-    "sample",           # ancestral / DDIM sampling of any network under any process
-    "default_device",   # CUDA when available, else the CPU
-]
+import importlib
+from typing import Any
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "DiffusionModel": "model",    # trained network + noise process: sample, denoise, corrupt
+    "load": "model",              # a model file (models/<name>/model.pt) -> DiffusionModel
+    "load_from_mlflow": "model",  # a run id or MLflow model URI -> DiffusionModel
+    "save_model": "model",        # write a model file from a network, its EMA copy and a process
+    "default_device": "data",     # CUDA when available, else the CPU
+    "DenoiserCNN": "network",     # the seed's CNN
+    "UNet": "network",            # the small U-Net
+    "NoiseProcess": "process",    # base class: schedule, forward process, noise
+    "GaussianProcess": "process", # DDPM
+    "GammaProcess": "process",    # DDGM
+    "make_process": "process",    # a process from its config dict
+    "sample": "sampling",         # ancestral / DDIM sampling of any network under any process
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffusion' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"diffusion.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,4 +1,4 @@
-"""Image conversions between MNIST bytes and the models' range, and sample grids.
+"""Image conversions between MNIST bytes and the models' range, sample grids, and the device.
 
 MNIST lives as uint8 tensors (N, 28, 28). The models see float32 (N, 1, 28, 28) scaled to
 [-scale, scale]: [-1, 1] (scale 1) as in Ho et al. (2020), section 3.3; the coursework template
@@ -10,7 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from diffusion.io import atomic_path
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def to_model_range(images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from diffusion.classifier import MnistClassifier, embed
 from diffusion.data import to_model_range
-from diffusion.metrics import nearest_neighbours, psnr, quality_metrics
+from diffusion.metrics import HEADLINE_SCORES, SCORES, nearest_neighbours, psnr, quality_metrics
 from diffusion.model import DiffusionModel
 from diffusion.process import NoiseProcess, timesteps_at
 from diffusion.sampling import sample, steps_within
@@ -91,28 +91,30 @@ def evaluate_model(model: DiffusionModel, samples: torch.Tensor, reference: Refe
     return metrics
 
 
-# The scores a reader compares first (the evaluate stage's metrics.json, MLflow's metrics); the
-# rest (kid_std, class fractions, PSNR per t) is detail.
-HEADLINE = ("fid", "kid_mean", "inception_score", "precision", "recall", "class_tv")
-
-
 def split_headline(metrics: dict) -> tuple[dict, dict]:
-    """``evaluate_model``'s metrics as (headline, detail): the held-out loss and the HEADLINE
-    scores of the samples and of the floor, and everything else, both keeping its layout."""
+    """``evaluate_model``'s metrics as (headline, detail): the held-out loss and the
+    HEADLINE_SCORES of the samples and of the floor, and everything else (kid_std, class
+    fractions, PSNR per t), both keeping its layout."""
     headline: dict = {"n_samples": metrics["n_samples"], "heldout_loss": metrics["heldout_loss"]}
     detail: dict = {k: v for k, v in metrics.items() if k.startswith("psnr_t")}
     for group in ("quality", "floor"):
-        headline[group] = {k: v for k, v in metrics[group].items() if k in HEADLINE}
-        detail[group] = {k: v for k, v in metrics[group].items() if k not in HEADLINE}
+        headline[group] = {k: v for k, v in metrics[group].items() if k in HEADLINE_SCORES}
+        detail[group] = {k: v for k, v in metrics[group].items() if k not in HEADLINE_SCORES}
     return headline, detail
 
 
-SweepTable = dict[str, dict[str, dict[str, float]]]  # "<model>_<sampler>" -> str(steps) -> scores
+SweepTable = dict[str, dict[str, dict[str, float]]]  # column -> str(steps) -> scores
+
+
+def column(model: str, sampler: str) -> str:
+    """The sweep table's name of one row of the paper's table, e.g. ``ddgm_ddim`` (also the CSV
+    column and the MLflow metric ``fid_<column>``)."""
+    return f"{model}_{sampler}"
 
 
 def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Iterable[int],
           samplers: Iterable[str], n: int, eta: float, clip_x0: bool, seed: int,
-          batch_size: int, keep: Iterable[str], prior: str = "exact",
+          batch_size: int, keep: Iterable[str] = SCORES, prior: str = "exact",
           on_cell: Callable[[str, int, dict[str, float]], None] | None = None) -> SweepTable:
     """FID (and the ``keep`` scores) against sampling steps: the DDGM paper's table.
 
@@ -127,8 +129,7 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
     table: SweepTable = {}
     for sampler in samplers:
         for name, model in models.items():
-            column = f"{name}_{sampler}"  # diffusion.report.column
-            table[column] = {}
+            cells = table[column(name, sampler)] = {}
             for count in sorted({steps_within(s, model.process.n_T) for s in steps}):
                 started = time.perf_counter()
                 images = model.sample(n, steps=count, sampler=sampler, eta=eta, seed=seed,
@@ -136,9 +137,9 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
                 seconds = time.perf_counter() - started
                 scores = reference.score(images)
                 cell = {**{k: scores[k] for k in keep}, "seconds": seconds}
-                table[column][str(count)] = cell
+                cells[str(count)] = cell
                 if on_cell is not None:
-                    on_cell(column, count, cell)
+                    on_cell(column(name, sampler), count, cell)
     return table
 
 

@@ -17,7 +17,14 @@ References:
                TV(p, q) = 1/2 sum |p - q|.
     Nearest neighbours   k-NN in feature space, for the memorisation check of the plot stage.
 
-Defaults of ``quality_metrics``: KID uses ``KID_SUBSETS = 100`` random subsets of
+Defaults of ``quality_metrics``: KID uses ``# What ``quality_metrics`` returns besides n_samples: SCORES, one number each, and the fraction
+# of samples per predicted digit. HEADLINE_SCORES are those a reader compares first (the
+# evaluate stage's metrics.json, MLflow); kid_std and the fractions are detail.
+SCORES = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "class_tv")
+HEADLINE_SCORES = tuple(score for score in SCORES if score != "kid_std")
+CLASS_FRACTIONS = tuple(f"class_fraction_{digit}" for digit in range(10))
+
+KID_SUBSETS = 100`` random subsets of
 ``min(KID_SUBSET_SIZE = 1000, min(n_fake, n_reference) // 2)`` samples per set (at least 2);
 precision/recall use ``k = PR_K = 3`` nearest neighbours, as recommended by Kynkäänniemi et al.
 """
@@ -26,6 +33,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+# What ``quality_metrics`` returns besides n_samples: SCORES, one number each, and the fraction
+# of samples per predicted digit. HEADLINE_SCORES are those a reader compares first (the
+# evaluate stage's metrics.json, MLflow); kid_std and the fractions are detail.
+SCORES = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "class_tv")
+HEADLINE_SCORES = tuple(score for score in SCORES if score != "kid_std")
+CLASS_FRACTIONS = tuple(f"class_fraction_{digit}" for digit in range(10))
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000

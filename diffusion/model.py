@@ -16,16 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusion.data import to_model_range, to_uint8
+from diffusion.data import default_device, to_model_range, to_uint8
 from diffusion.io import load_torch, save_torch
 from diffusion.network import autocast, make_network, resolve_precision
 from diffusion.process import NoiseProcess, make_process
 from diffusion.sampling import sample
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def save_model(path: Path | str, net: nn.Module, ema: nn.Module, process: NoiseProcess,
@@ -153,8 +148,8 @@ def load_from_mlflow(uri: str, device: torch.device | str | None = None,
     """Load a model logged to MLflow by the train stage, without unpickling code.
 
     ``uri`` is a train run's id (its model ``runs:/<id>/<model name>``), any MLflow model URI
-    (``runs:/<id>/ddpm``, ``models:/ddpm/1`` from the registry, ``models:/<model id>``) or a
-    local MLflow model folder. The store is ``tracking_uri``, else MLflow's default
+    (``runs:/<id>/ddpm``, ``models:/ddpm/1`` or ``models:/ddpm/latest`` or ``models:/ddpm@newest`` from the registry,
+    ``models:/<model id>``) or a local MLflow model folder. The store is ``tracking_uri``, else MLflow's default
     (``MLFLOW_TRACKING_URI`` or ``./mlflow.db``, the pipeline's store when run from the repo
     root). MLflow is imported only here.
     """
@@ -172,11 +167,21 @@ def load_from_mlflow(uri: str, device: torch.device | str | None = None,
     client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if ":/" not in uri:  # a run id: its model is named after the run's "model" tag
         uri = f"runs:/{uri}/{client.get_run(uri).data.tags.get('model', 'model')}"
-    parts = uri.removeprefix("models:/").split("/")
-    if uri.startswith("models:/") and len(parts) == 2 and parts[1].isdigit():
-        # A registered model's version, looked up in this store's registry (MLflow's own
-        # resolution would ask the default registry, not ``tracking_uri``).
-        uri = client.get_model_version_download_uri(parts[0], parts[1])
+    if uri.startswith("models:/"):
+        # A registered model's version (models:/ddpm/1, models:/ddpm/latest) or alias
+        # (models:/ddpm@newest), looked up in this store's registry (MLflow's own resolution
+        # would ask the default registry, not ``tracking_uri``).
+        name, _, alias = uri.removeprefix("models:/").partition("@")
+        parts = name.split("/")
+        if alias and len(parts) == 1:
+            uri = client.get_model_version_download_uri(
+                name, client.get_model_version_by_alias(name, alias).version)
+        elif len(parts) == 2 and parts[1] == "latest":
+            versions = client.search_model_versions(f"name = '{parts[0]}'")
+            uri = client.get_model_version_download_uri(
+                parts[0], str(max(int(v.version) for v in versions)))
+        elif len(parts) == 2 and parts[1].isdigit():
+            uri = client.get_model_version_download_uri(parts[0], parts[1])
     with tempfile.TemporaryDirectory() as folder:  # the file is read into memory, then removed
         if uri.startswith("runs:/"):  # fetch only the weights file, not the pickle and the code
             path = Path(mlflow.artifacts.download_artifacts(

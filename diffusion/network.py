@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
-PRECISIONS = ("auto", "bf16", "fp32")
+from diffusion.options import ACTIVATIONS, NETWORKS, PRECISIONS
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+assert tuple(ACTIVATION_MODULES) == ACTIVATIONS
 # torch.cpu.get_capabilities() keys of instructions that compute bf16 products natively:
 # AMX-BF16 tiles and AVX512-BF16 dot products on x86, BF16 (BFDOT/BFMMLA) and SVE-BF16 on ARM64.
 # Without them oneDNN emulates bf16 by converting to float32, and autocast only adds the casts.
@@ -106,7 +107,7 @@ class DenoiserCNN(nn.Module):
         super().__init__()
         if not hidden:
             raise ValueError("hidden must list at least one channel count")
-        act = ACTIVATIONS[activation]
+        act = ACTIVATION_MODULES[activation]
         channels = [in_channels, *hidden]
         self.blocks = nn.ModuleList(
             ConvBlock(c_in, c_out, image_shape, act) for c_in, c_out in zip(channels, channels[1:])
@@ -177,7 +178,7 @@ class UNet(nn.Module):
         super().__init__()
         if not 2 <= len(channels) <= 3:
             raise ValueError(f"channels must give two or three widths (28, 14[, 7]), got {channels}")
-        act, embedding = ACTIVATIONS[activation], 4 * channels[0]
+        act, embedding = ACTIVATION_MODULES[activation], 4 * channels[0]
         self.time_encoding = TimeEncoding(embedding, act, width=embedding)
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -224,9 +225,6 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(h, emb)
         return self.head(h)
-
-
-NETWORKS = ("cnn", "unet")
 
 
 def make_network(config: dict) -> nn.Module:

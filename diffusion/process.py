@@ -39,14 +39,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from diffusion.options import GAMMA, GAUSSIAN, NOISES, SCHEDULES, TARGETS
+
 # Limits within which the schedule's maths holds in the precisions used (see ``check``).
 MIN_ALPHA_BAR = 1e-30     # alpha_bar_T below it: 1/sqrt(alpha_bar) of the x0 estimate leaves float32
 MIN_FINAL_NOISE = 1e-3    # 1 - alpha_bar_T below it: x_T is the image, not noise
 MIN_GAMMA_SHAPE = 1e-3    # k_bar_1 below it: Gamma draws lose their mean and variance (float64)
 MAX_GAMMA_SHAPE = 1e16    # k_bar_T above it: (G - k_bar) in float64 steps by 2^-52 sqrt(k_bar) > 2e-8,
                           # within a few float32 spacings of eps near 1 (1.2e-7): draws collide
-SCHEDULES = ("linear", "cosine")
-TARGETS = ("eps", "x0", "v")
 COSINE_OFFSET = 0.008     # Nichol and Dhariwal (2021), section 3.2: s, so beta_1 is not tiny
 MAX_BETA = 0.999          # ... and the clipping of beta_t near t = T, where alpha_bar -> 0
 
@@ -236,7 +236,7 @@ class NoiseProcess(nn.Module):
 class GaussianProcess(NoiseProcess):
     """DDPM: eps ~ N(0, I)."""
 
-    name = "gaussian"
+    name = GAUSSIAN
 
     def noise(self, t, shape, *, generator=None):
         return torch.randn(shape, device=t.device, generator=generator)
@@ -245,7 +245,7 @@ class GaussianProcess(NoiseProcess):
 class GammaProcess(NoiseProcess):
     """DDGM: eps = (G - k_bar_t) / sqrt(k_bar_t), G ~ Gamma(k_bar_t, 1) (Nachmani et al. 2021)."""
 
-    name = "gamma"
+    name = GAMMA
 
     def __init__(self, betas: tuple[float, float], n_T: int, theta_0: float, *,
                  schedule: str = "linear", target: str = "eps") -> None:
@@ -290,9 +290,6 @@ class GammaProcess(NoiseProcess):
         return {**super().config(), "theta_0": self.theta_0}
 
 
-NOISES = ("gaussian", "gamma")  # the noise laws a params.yaml model section can name
-
-
 def make_process(config: dict) -> NoiseProcess:
     """Build a process from a params.yaml model section or ``NoiseProcess.config()`` output:
     ``{"noise": "gaussian" | "gamma", "schedule": "linear" | "cosine", "target": "eps" | "x0" |
@@ -300,8 +297,8 @@ def make_process(config: dict) -> NoiseProcess:
     only; schedule and target default to the seed's linear and eps)."""
     kind = config.get("noise")
     options = {"schedule": config.get("schedule", "linear"), "target": config.get("target", "eps")}
-    if kind == "gaussian":
+    if kind == GAUSSIAN:
         return GaussianProcess(tuple(config["betas"]), config["n_T"], **options)
-    if kind == "gamma":
+    if kind == GAMMA:
         return GammaProcess(tuple(config["betas"]), config["n_T"], config["theta_0"], **options)
     raise ValueError(f"unknown noise {kind!r}: allowed are {', '.join(map(repr, NOISES))}")

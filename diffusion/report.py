@@ -207,11 +207,6 @@ def memorisation_figure(samples: dict[str, np.ndarray], train_images: np.ndarray
 
 
 # ------------------------------------------------------------------ the sweep's table and plot
-def column(model: str, sampler: str) -> str:
-    """The name of one row of the paper's table, e.g. ``ddgm_ddim`` (also the CSV column)."""
-    return f"{model}_{sampler}"
-
-
 def label(model: str, noise: str, sampler: str, eta: float, clip_x0: bool = False) -> str:
     """Human-readable row name, e.g. ``Gamma (ddgm), DDIM eta=0`` (``, x0 clipped``)."""
     how = "ancestral (DDPM)" if sampler == "ancestral" else f"DDIM eta={eta:g}"

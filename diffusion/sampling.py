@@ -37,10 +37,9 @@ import torch
 from torch import nn
 
 from diffusion.network import autocast
+from diffusion.options import PRIORS, SAMPLERS
 from diffusion.process import NoiseProcess
 
-SAMPLERS = ("ancestral", "ddim")
-PRIORS = ("exact", "unit")  # where sampling starts: the forward marginal at T, or eps_T itself
 
 
 def timestep_sequence(n_T: int, steps: int) -> list[int]:

@@ -50,6 +50,7 @@ from diffusion import distributed
 from diffusion.data import save_grid, to_model_range, to_uint8
 from diffusion.io import ModelFileError, atomic_path, load_torch, save_torch
 from diffusion.network import autocast
+from diffusion.options import LR_SCHEDULES
 from diffusion.process import NoiseProcess
 from diffusion.sampling import sample
 
@@ -116,9 +117,6 @@ class TrainState:
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -447,8 +445,8 @@ class TrainLoop:
         return to_uint8(x, self.config.data_scale).cpu()
 
     def run(self, train_images: torch.Tensor, test_images: torch.Tensor, *,
-            on_epoch: Callable[[EpochRecord, Path | None], None] | None = None) -> TrainState:
-        """Train to ``config.epochs``; ``on_epoch(record, grid file or None)`` runs after each
+            report: Callable[[EpochRecord, Path | None], None] | None = None) -> TrainState:
+        """Train to ``config.epochs``; ``report(record, grid file or None)`` runs after each
         epoch's files are written and before its state is saved."""
         if distributed.world().is_main:
             for epoch, images in self.grids.items():
@@ -462,8 +460,8 @@ class TrainLoop:
                 self.grids[record.epoch] = self.sample_grid()
                 grid = self.grid_path(record.epoch)
                 save_grid(self.grids[record.epoch], grid)
-            if on_epoch is not None:
-                on_epoch(record, grid)
+            if report is not None:
+                report(record, grid)
 
         def save_state(state: TrainState) -> None:
             if self.checkpoint is not None:

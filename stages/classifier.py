@@ -7,13 +7,13 @@ Nothing is downloaded: the evaluation's feature network is trained here, on MNIS
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from diffusion.classifier import evaluate_accuracy, save_classifier, train_classifier
 from diffusion.io import save_json
-from diffusion.model import default_device
+from diffusion.data import default_device
 from stages.common import log_mnist, mnist_on, open_run, plain, stage_main
 from stages.params import load_params_or_exit
+from stages.paths import CLASSIFIER_FILE, CLASSIFIER_RESULTS
 
 
 @stage_main
@@ -31,7 +31,9 @@ def main() -> None:
     log_mnist(run, train=False, used=0, context="evaluation")
 
     def on_epoch(epoch: int, figures: dict[str, float]) -> None:
-        run.log_metrics({k: figures[k] for k in ("train_loss", "train_accuracy")}, step=epoch)
+        # cross_entropy, not train_loss: that name is the diffusion models' denoising loss
+        run.log_metrics({"cross_entropy": figures["train_loss"],
+                         "train_accuracy": figures["train_accuracy"]}, step=epoch)
 
     started = time.perf_counter()
     with run.system_metrics():
@@ -42,8 +44,8 @@ def main() -> None:
         accuracy = evaluate_accuracy(classifier, test_images, test_labels)
     seconds = time.perf_counter() - started
 
-    save_classifier(classifier, Path("models/classifier/classifier.pt"))
-    save_json({"test_accuracy": accuracy}, Path("results/classifier/metrics.json"))
+    save_classifier(classifier, CLASSIFIER_FILE)
+    save_json({"test_accuracy": accuracy}, CLASSIFIER_RESULTS / "metrics.json")
     run.log_metrics({"test_accuracy": accuracy}, step=settings["epochs"])
     run.set_tags({"train_seconds": f"{seconds:.1f}"})
     run.finish()

@@ -20,11 +20,10 @@ import torch
 from diffusion.io import ModelFileError, SamplesFileError, load_samples
 from diffusion.mnist import (N_TEST, N_TRAIN, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
                              load_mnist, md5_file, random_subset)
+from stages.paths import RAW_DIR
 from stages.tracking import Run, TrackingUnavailableError, finish_open_runs
 
 Loaded = TypeVar("Loaded")
-
-RAW_DIR = Path("data/MNIST/raw")
 
 
 def model_argument(stage: str) -> str:
@@ -36,8 +35,8 @@ def model_argument(stage: str) -> str:
 
 
 def open_run(stage: str, model: str | None = None, **kwargs) -> Run:
-    """The stage's MLflow run (``stages.tracking.Run``), or one line and exit 1 when the store
-    cannot be opened."""
+    """The stage's MLflow run (``stages.tracking.Run``; ``parent_model_file``, ``run_id``), or
+    one line and exit 1 when the store cannot be opened."""
     try:
         return Run(stage, model, **kwargs)
     except TrackingUnavailableError as error:
@@ -70,6 +69,13 @@ class Silent:
         yield
 
 
+def mlflow_scores(scores: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """Sample scores under their MLflow names: ``precision`` and ``recall`` of the samples are
+    ``sample_precision`` and ``sample_recall`` there, as ``precision`` is also a param."""
+    renamed = {"precision": "sample_precision", "recall": "sample_recall"}
+    return {prefix + renamed.get(key, key): value for key, value in scores.items()}
+
+
 def warn(message: str) -> None:
     """``warning: <message>`` on stderr."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -78,14 +84,6 @@ def warn(message: str) -> None:
 def plain(params: dict) -> dict:
     """A params section as plain dicts and lists (for model files, JSON and MLflow)."""
     return json.loads(json.dumps(params))
-
-
-def parent_run_id(models_dir: Path) -> str | None:
-    """The MLflow run of the model in ``models_dir`` (from its run.json), or None if unrecorded."""
-    try:
-        return json.loads((models_dir / "run.json").read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def load_or_exit(loader: Callable[..., Loaded], path: Path, *args, **kwargs) -> Loaded:

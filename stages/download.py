@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusion.mnist import MNIST_FILES
-from stages.common import RAW_DIR, fail, stage_main
+from stages.common import fail, stage_main
 from stages.mnist_sources import MnistUnavailableError, fetch_mnist
 from stages.params import load_params_or_exit
+from stages.paths import RAW_DIR
 
 
 @stage_main

@@ -20,8 +20,6 @@ curves); the class balance and the PSNRs are tables of it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -31,8 +29,9 @@ from diffusion.io import save_json
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from stages.common import (fail, load_or_exit, log_mnist, mnist_reference, model_argument,
-                           open_run, parent_run_id, plain, samples_or_exit, stage_main)
+                           mlflow_scores, open_run, plain, samples_or_exit, stage_main)
 from stages.params import load_params_or_exit
+from stages.paths import CLASSIFIER_FILE, evaluate_dir, model_file, sample_dir, samples_file
 
 
 @stage_main
@@ -42,17 +41,15 @@ def main() -> None:
     params = plain(load_params_or_exit(stage))
     settings, seed = params["evaluate"], params["seed"]
     n, batch_size = settings["n_samples"], settings["batch_size"]
-    models_dir = Path("models") / model_name
-    samples = samples_or_exit(Path("results/sample") / model_name / "samples.npy")
+    samples = samples_or_exit(samples_file(model_name))
     if samples.shape[0] < n:
-        fail(f"evaluate.n_samples = {n} but results/sample/{model_name} holds only "
+        fail(f"evaluate.n_samples = {n} but {sample_dir(model_name)} holds only "
              f"{samples.shape[0]} images: raise sample.n_samples or lower evaluate.n_samples",
              status=2)
-    model = load_or_exit(load, models_dir / "model.pt", precision=params["precision"])
+    model = load_or_exit(load, model_file(model_name), precision=params["precision"])
     precision = resolve_precision(model.precision, model.device)
-    classifier = load_or_exit(load_classifier, Path("models/classifier/classifier.pt"), model.device)
-    parent = parent_run_id(models_dir)
-    run = open_run(stage, model_name, parent_run_id=parent)
+    classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, model.device)
+    run = open_run(stage, model_name, parent_model_file=model_file(model_name))
     run.log_params({"seed": seed, "evaluate": settings, "precision": params["precision"],
                     "precision_resolved": precision})
 
@@ -61,17 +58,25 @@ def main() -> None:
                              mnist_reference(model.device, train=True, n=n, seed=seed),
                              seed=seed, batch_size=batch_size)
     fake = torch.from_numpy(np.array(samples[:n]))
-    metrics = evaluate_model(model, fake, reference, test_images,
-                             psnr_fractions=settings["psnr_t"], seed=seed, batch_size=batch_size)
+    with run.system_metrics():
+        metrics = evaluate_model(model, fake, reference, test_images,
+                                 psnr_fractions=settings["psnr_t"], seed=seed,
+                                 batch_size=batch_size)
 
     headline, detail = split_headline(metrics)
-    out_dir = Path("results/evaluate") / model_name
+    out_dir = evaluate_dir(model_name)
     save_json(headline, out_dir / "metrics.json")
     save_json(detail, out_dir / "detail.json")
     log_mnist(run, train=False, used=n, context="evaluation", how="random")
     log_mnist(run, train=True, used=n, context="floor", how="random")
-    run.log_metrics({"heldout_loss": headline["heldout_loss"], **headline["quality"],
-                     **{f"floor_{k}": v for k, v in headline["floor"].items()}})
+    # In MLflow the loss on random test images is eval_loss (training's heldout_loss uses the
+    # first ones), precision and recall are sample_precision and sample_recall (precision is a
+    # param too).
+    run.log_metrics({"eval_loss": headline["heldout_loss"], **mlflow_scores(headline["quality"]),
+                     **mlflow_scores(headline["floor"], "floor_")})
+    if run.parent_model_id:  # the logged model's page shows its quality too
+        run.log_metrics({"eval_loss": headline["heldout_loss"],
+                         **mlflow_scores(headline["quality"])}, model_id=run.parent_model_id)
     run.log_table({"digit": list(range(10)),
                    **{group: [metrics[group][f"class_fraction_{d}"] for d in range(10)]
                       for group in ("quality", "floor")}}, "class_balance.json")

@@ -12,8 +12,9 @@ The models of the pipeline are listed once, in ``models``; each has a section of
 dvc.yaml's ``foreach: ${models}`` makes one train, sample and evaluate stage per model.
 
 Errors are one-line ``ParamsError``s, e.g.
-``params.yaml: ddgm.theta_0 = -1.0 is not allowed: must be a number > 0``.
-``python -m stages.params`` checks both files: prints ``params.yaml: ok`` or exits 2.
+``params.yaml: ddgm.theta_0 = -1.0 is not allowed: must be a number > 0``. Whether a model's
+schedule can be computed exactly is checked by ``diffusion.process``, which the stages that
+build processes pass in (``build_process``); ``python -m tools.check`` checks everything.
 """
 from __future__ import annotations
 
@@ -21,22 +22,20 @@ import difflib
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import annotated_types
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      ValidationError, create_model, model_validator)
+                      ValidationError, ValidationInfo, create_model, model_validator)
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from diffusion.mnist import N_TEST, N_TRAIN
-from diffusion.network import ACTIVATIONS, NETWORKS, PRECISIONS
-from diffusion.process import (SCHEDULES, TARGETS, GammaProcess, GaussianProcess, ScheduleError,
-                               make_process)
-from diffusion.sampling import PRIORS, SAMPLERS
-from diffusion.training import LR_SCHEDULES
+from diffusion.options import (ACTIVATIONS, GAMMA, GAUSSIAN, LR_SCHEDULES, NETWORKS, PRECISIONS,
+                               PRIORS, SAMPLERS, SCHEDULES, TARGETS)
 
 PARAMS_FILE = "params.yaml"
 MIN_METRIC_SAMPLES = 4    # precision/recall with k = 3 needs > k; FID needs >= 2
@@ -144,7 +143,7 @@ class Net(Section):
 class GaussianModel(Section):
     """A DDPM model: Gaussian noise on a linear schedule."""
 
-    noise: Literal[GaussianProcess.name]
+    noise: Literal[GAUSSIAN]
     schedule: Literal[SCHEDULES]
     target: Literal[TARGETS]
     betas: Betas
@@ -154,7 +153,7 @@ class GaussianModel(Section):
 class GammaModel(GaussianModel):
     """A DDGM model: Gamma noise with scale theta_0 at t = 0 (DDGM paper, section 3)."""
 
-    noise: Literal[GammaProcess.name]
+    noise: Literal[GAMMA]
     theta_0: Float(gt=0)
 
 
@@ -235,15 +234,18 @@ class Params(Section):
     plot: Plot
 
     @model_validator(mode="after")
-    def keys_that_depend_on_others(self) -> Params:
+    def keys_that_depend_on_others(self, info: ValidationInfo) -> Params:
         """Values that pass their own bounds but fail together: refused here, after every key
-        passed its own check."""
+        passed its own check. With a ``build_process`` in the validation context (``validate``),
+        each model's schedule is built as training builds it: noise left at T, x0 recoverable,
+        exact Gamma draws (``diffusion.process.NoiseProcess.check``)."""
         if self.evaluate.n_samples > self.sample.n_samples:
             raise PydanticCustomError("bound", "{key}", {"key": "evaluate.n_samples"})
-        for model in self.models:
-            try:  # the schedule as training builds it: noise left at T, x0 recoverable, exact Gamma
-                make_process(getattr(self, model).model_dump())
-            except ScheduleError as error:
+        build_process = (info.context or {}).get("build_process")
+        for model in self.models if build_process is not None else []:
+            try:
+                build_process(getattr(self, model).model_dump())
+            except ValueError as error:
                 raise PydanticCustomError("schedule", "{model}: {why}",
                                           {"model": model, "why": str(error)}) from None
         return self
@@ -385,7 +387,7 @@ def _message(model: type[BaseModel], error: dict, raw: dict) -> str:
         return f"missing key {key}.noise"
     if kind == "union_tag_invalid":
         return (f"{key}.noise = {_value_at(raw, [*path, 'noise'])!r} is not allowed: must be one "
-                f"of {GaussianProcess.name}, {GammaProcess.name}")
+                f"of {GAUSSIAN}, {GAMMA}")
     return (f"{key} = {_value_at(raw, path)!r} is not allowed: "
             f"must be {_describe(annotation, metadata, notes, raw)}")
 
@@ -408,15 +410,22 @@ def _model_names(params: dict) -> list[str]:
     return names
 
 
-def validate(params: Any) -> dict:
-    """Check every key of a params dict; return a normalised copy (ints, floats, lists)."""
+BuildProcess = Callable[[dict], Any]  # diffusion.process.make_process: raises ValueError
+
+
+def validate(params: Any, build_process: BuildProcess | None = None) -> dict:
+    """Check every key of a params dict; return a normalised copy (ints, floats, lists).
+
+    ``build_process`` (``diffusion.process.make_process``) also checks each model's schedule;
+    it is passed by the callers that build processes, so this module imports no torch code.
+    """
     if not isinstance(params, dict):
         raise ParamsError(f"{PARAMS_FILE}: the file's content {params!r} is not allowed: must be "
                           f"a mapping with keys {', '.join(Params.model_fields)}, and a section "
                           "per model")
     model = schema(_model_names(params))
     try:
-        checked = model.model_validate(params)
+        checked = model.model_validate(params, context={"build_process": build_process})
     except ValidationError as error:
         errors = error.errors()
         first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
@@ -497,38 +506,24 @@ def select(params: dict, keys: list[str], stage: str) -> DeclaredParams:
     return out
 
 
-def load_params(stage: str, root: Path | None = None) -> dict:
-    """Validate ``<root>/params.yaml`` (root: default the current directory) and return only
-    the keys that ``<root>/dvc.yaml`` declares for ``stage``, e.g. ``train@ddpm``."""
+def load_params(stage: str, root: Path | None = None,
+                build_process: BuildProcess | None = None) -> dict:
+    """Validate ``<root>/params.yaml`` (root: default the current directory; ``build_process``
+    as in ``validate``) and return only the keys that ``<root>/dvc.yaml`` declares for
+    ``stage``, e.g. ``train@ddpm``."""
     root = Path(root) if root is not None else Path.cwd()
-    params = validate(read_yaml(root / PARAMS_FILE))
+    params = validate(read_yaml(root / PARAMS_FILE), build_process)
     stages = stage_keys(root)
     if stage not in stages:
         raise ParamsError(f"dvc.yaml: unknown stage {stage!r} (known stages: {', '.join(stages)})")
     return select(params, stages[stage], stage)
 
 
-def load_params_or_exit(stage: str, root: Path | None = None) -> dict:
+def load_params_or_exit(stage: str, root: Path | None = None,
+                        build_process: BuildProcess | None = None) -> dict:
     """``load_params``; on a ParamsError print ``error: <message>`` to stderr and exit 2."""
     try:
-        return load_params(stage, root)
+        return load_params(stage, root, build_process)
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def main(root: Path | None = None) -> None:
-    """Validate params.yaml and resolve the params of every stage of dvc.yaml."""
-    root = Path(root) if root is not None else Path.cwd()
-    try:
-        params = validate(read_yaml(root / PARAMS_FILE))
-        for stage, keys in stage_keys(root).items():
-            select(params, keys, stage)
-    except ParamsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"{PARAMS_FILE}: ok")
-
-
-if __name__ == "__main__":
-    main()

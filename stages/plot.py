@@ -27,14 +27,16 @@ from diffusion.model import load
 from diffusion.report import (class_balance_figure, degradation_figure, loss_figure,
                               memorisation_figure, model_label, precision_recall_figure,
                               samples_figure, save_figure, trajectories_figure)
-from stages.common import (RAW_DIR, fail, load_or_exit, mnist_reference, open_run, plain,
-                           samples_or_exit, stage_main)
+from diffusion.metrics import CLASS_FRACTIONS
+from stages.common import (fail, load_or_exit, mnist_reference, open_run, plain, samples_or_exit,
+                           stage_main)
 from stages.params import load_params_or_exit
+from stages.paths import (CLASSIFIER_FILE, PLOT_DIR, RAW_DIR, evaluate_dir, model_file,
+                          samples_file, train_dir)
 
-OUT_DIR = Path("results/plot")
 TRAJECTORIES, TRAJECTORY_POINTS = 4, 8
 MEMORISATION_ROWS, NEIGHBOURS, MEMORISATION_CHECK = 4, 3, 1000
-QUALITY_KEYS = ["precision", "recall", "class_tv", "n_samples"] + [f"class_fraction_{d}" for d in range(10)]
+QUALITY_KEYS = ("precision", "recall", "class_tv", "n_samples", *CLASS_FRACTIONS)  # what it draws
 
 
 def read_log(path: Path) -> dict[str, np.ndarray]:
@@ -67,13 +69,11 @@ def read_metrics(folder: Path) -> dict:
 def main() -> None:
     params = plain(load_params_or_exit("plot"))
     seed, names, n_digits = params["seed"], params["models"], params["plot"]["n_digits"]
-    models = {m: load_or_exit(load, Path("models") / m / "model.pt", precision=params["precision"])
-              for m in names}
-    classifier = load_or_exit(load_classifier, Path("models/classifier/classifier.pt"),
-                              next(iter(models.values())).device)
-    logs = {m: read_log(Path("results/train") / m / "log.csv") for m in names}
-    samples = {m: np.asarray(samples_or_exit(Path("results/sample") / m / "samples.npy")) for m in names}
-    metrics = {m: read_metrics(Path("results/evaluate") / m) for m in names}
+    models = {m: load_or_exit(load, model_file(m), precision=params["precision"]) for m in names}
+    classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, next(iter(models.values())).device)
+    logs = {m: read_log(train_dir(m) / "log.csv") for m in names}
+    samples = {m: np.asarray(samples_or_exit(samples_file(m))) for m in names}
+    metrics = {m: read_metrics(evaluate_dir(m)) for m in names}
     too_few = {m: len(images) for m, images in samples.items() if len(images) < MEMORISATION_ROWS}
     if too_few:
         fail(f"the memorisation panel shows {MEMORISATION_ROWS} samples per model, but "
@@ -83,8 +83,8 @@ def main() -> None:
                     "precision": params["precision"]})
     labels = {m: model_label(m, model.process.name) for m, model in models.items()}
 
-    save_figure(loss_figure(logs, labels), OUT_DIR / "loss_curves.png")
-    save_figure(samples_figure(samples), OUT_DIR / "samples.png")
+    save_figure(loss_figure(logs, labels), PLOT_DIR / "loss_curves.png")
+    save_figure(samples_figure(samples), PLOT_DIR / "samples.png")
     # Each model's timesteps of the fractions plot.t_show (repeats kept: columns line up).
     t_show = {m: [round(f * model.process.n_T) for f in params["plot"]["t_show"]]
               for m, model in models.items()}
@@ -92,12 +92,12 @@ def main() -> None:
     degraded = degradation({m: model.process for m, model in models.items()},
                            {m: to_model_range(digits, model.scale) for m, model in models.items()},
                            t_show, seed)
-    save_figure(degradation_figure(degraded, labels, t_show, seed), OUT_DIR / "degradation.png")
+    save_figure(degradation_figure(degraded, labels, t_show, seed), PLOT_DIR / "degradation.png")
     trajectories = {m: reverse_trajectory(model, TRAJECTORIES, TRAJECTORY_POINTS, seed)
                     for m, model in models.items()}
-    save_figure(trajectories_figure(trajectories, labels, seed), OUT_DIR / "trajectories.png")
-    save_figure(class_balance_figure(metrics, labels), OUT_DIR / "class_balance.png")
-    save_figure(precision_recall_figure(metrics, labels), OUT_DIR / "precision_recall.png")
+    save_figure(trajectories_figure(trajectories, labels, seed), PLOT_DIR / "trajectories.png")
+    save_figure(class_balance_figure(metrics, labels), PLOT_DIR / "class_balance.png")
+    save_figure(precision_recall_figure(metrics, labels), PLOT_DIR / "precision_recall.png")
 
     train_images = load_mnist(RAW_DIR, train=True)[0]
     checked = {m: torch.from_numpy(images[:MEMORISATION_CHECK]) for m, images in samples.items()}
@@ -107,11 +107,11 @@ def main() -> None:
     held_out = neighbours.pop("held-out")[0][:, 0]
     save_figure(memorisation_figure(samples, train_images.numpy(), neighbours,
                                     f"{len(held_out)} held-out test digits {np.median(held_out):.2f}",
-                                    MEMORISATION_ROWS), OUT_DIR / "memorisation.png")
+                                    MEMORISATION_ROWS), PLOT_DIR / "memorisation.png")
 
-    run.log_artifacts(OUT_DIR)
+    run.log_artifacts(PLOT_DIR)
     run.finish()
-    print(f"plot: {', '.join(sorted(p.name for p in OUT_DIR.glob('*.png')))} -> {OUT_DIR}")
+    print(f"plot: {', '.join(sorted(p.name for p in PLOT_DIR.glob('*.png')))} -> {PLOT_DIR}")
 
 
 if __name__ == "__main__":

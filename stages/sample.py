@@ -7,7 +7,6 @@ and logs them to an MLflow run nested under the model's training run.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -16,8 +15,9 @@ from diffusion.io import atomic_path
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from diffusion.sampling import steps_within
-from stages.common import load_or_exit, model_argument, open_run, parent_run_id, plain, stage_main
+from stages.common import load_or_exit, model_argument, open_run, plain, stage_main
 from stages.params import load_params_or_exit
+from stages.paths import model_file, sample_dir, samples_file
 
 GRID_IMAGES = 64
 
@@ -28,15 +28,13 @@ def main() -> None:
     stage = f"sample@{model_name}"
     params = plain(load_params_or_exit(stage))
     settings = params["sample"]
-    models_dir, out_dir = Path("models") / model_name, Path("results/sample") / model_name
-    parent = parent_run_id(models_dir)
-    model = load_or_exit(load, models_dir / "model.pt", precision=params["precision"])
+    model = load_or_exit(load, model_file(model_name), precision=params["precision"])
     precision = resolve_precision(model.precision, model.device)
     steps = steps_within(settings["steps"], model.process.n_T)
     if steps < settings["steps"]:
         print(f"{stage}: sample.steps = {settings['steps']} is more than this model's n_T = "
               f"{model.process.n_T}; sampling with all {steps} steps")
-    run = open_run(stage, model_name, parent_run_id=parent)
+    run = open_run(stage, model_name, parent_model_file=model_file(model_name))
     run.log_params({"seed": params["seed"], "sample": settings, "precision": params["precision"],
                     "precision_resolved": precision})
 
@@ -47,16 +45,16 @@ def main() -> None:
                               batch_size=settings["batch_size"], clip_x0=settings["clip_x0"],
                               prior=settings["prior"])
     seconds = time.perf_counter() - started
-    with atomic_path(out_dir / "samples.npy") as tmp:
+    with atomic_path(samples_file(model_name)) as tmp:
         with open(tmp, "wb") as file:
             np.save(file, images.numpy())
-    save_grid(images[:GRID_IMAGES], out_dir / "grid.png")
+    save_grid(images[:GRID_IMAGES], sample_dir(model_name) / "grid.png")
     run.log_metrics({"images_per_s": len(images) / seconds})
     run.set_tags({"sample_seconds": f"{seconds:.1f}"})
     run.log_image(grid_image(images[:GRID_IMAGES]).numpy(), key="samples", step=0)
     run.finish()
     print(f"{stage}: {len(images)} images, {settings['sampler']} sampler, {steps} steps, "
-          f"{seconds:.1f} s on {model.device} ({precision}) -> {out_dir}")
+          f"{seconds:.1f} s on {model.device} ({precision}) -> {sample_dir(model_name)}")
 
 
 if __name__ == "__main__":

@@ -12,20 +12,17 @@ score of every cell), ``fid.csv`` (DVC plot data), ``table.md`` and ``fid_vs_ste
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from diffusion import report
 from diffusion.classifier import load_classifier
-from diffusion.evaluation import Reference, sweep
+from diffusion.evaluation import Reference, column, sweep
 from diffusion.io import save_json, save_text
+from diffusion.metrics import SCORES
 from diffusion.model import load
 from diffusion.network import resolve_precision
-from stages.common import RAW_DIR, fail, load_or_exit, mnist_reference, open_run, plain, stage_main
+from stages.common import fail, load_or_exit, mnist_reference, open_run, plain, stage_main
 from stages.params import load_params_or_exit
-
-OUT_DIR = Path("results/sweep")
-CLASSIFIER = Path("models/classifier/classifier.pt")
-KEPT = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "class_tv")
+from stages.paths import CLASSIFIER_FILE, RAW_DIR, SWEEP_DIR, model_file
 
 
 @stage_main
@@ -33,15 +30,15 @@ def main() -> None:
     params = plain(load_params_or_exit("sweep"))
     settings, seed, names = params["sweep"], params["seed"], params["models"]
     n, batch_size, eta = settings["n_samples"], settings["batch_size"], settings["eta"]
-    needed = [CLASSIFIER, *(Path("models") / m / "model.pt" for m in names)]
+    needed = [CLASSIFIER_FILE, *(model_file(m) for m in names)]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         fail(f"missing {', '.join(missing)}: run `dvc repro` for the stages that make them")
 
     run = open_run("sweep")
     try:
-        models = {m: load_or_exit(load, Path("models") / m / "model.pt",
-                                  precision=params["precision"]) for m in names}
+        models = {m: load_or_exit(load, model_file(m), precision=params["precision"])
+                  for m in names}
         device = next(iter(models.values())).device
         precision = resolve_precision(params["precision"], device)
         run.log_params({"seed": seed, "models": names, "sweep": settings,
@@ -55,46 +52,49 @@ def main() -> None:
         if min(len(test_images), len(train_images)) < n:
             fail(f"sweep.n_samples = {n} but {RAW_DIR} holds only {len(test_images)} test and "
                  f"{len(train_images)} training images: lower sweep.n_samples", status=2)
-        classifier = load_or_exit(load_classifier, CLASSIFIER, device)
+        classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, device)
         reference = Reference.of(classifier, test_images, train_images, seed=seed,
                                  batch_size=batch_size)
-        floor = {k: reference.floor[k] for k in KEPT}
-        run.log_metrics({"floor_fid": floor["fid"]})
+        floor = {k: reference.floor[k] for k in SCORES}
+        # sweep_floor_fid: the floor at sweep.n_samples (evaluate's floor_fid is at its own count)
+        run.log_metrics({"sweep_floor_fid": floor["fid"]})
 
         def on_cell(column: str, count: int, cell: dict[str, float]) -> None:
             run.log_metrics({f"fid_{column}": cell["fid"]}, step=count)  # FID against steps
             print(f"sweep: {column:16s} {count:5d} steps  FID {cell['fid']:8.2f}  "
                   f"{cell['seconds']:7.1f} s", flush=True)
 
-        table = sweep(models, reference, steps=settings["steps"], samplers=settings["samplers"],
-                      n=n, eta=eta, clip_x0=settings["clip_x0"], prior=settings["prior"],
-                      seed=seed, batch_size=batch_size, keep=KEPT, on_cell=on_cell)
+        with run.system_metrics():
+            table = sweep(models, reference, steps=settings["steps"],
+                          samplers=settings["samplers"], n=n, eta=eta,
+                          clip_x0=settings["clip_x0"], prior=settings["prior"], seed=seed,
+                          batch_size=batch_size, on_cell=on_cell)
     except BaseException:  # the run is marked failed, also on a clean exit by fail()
         run.finish("FAILED")
         raise
 
-    rows = {report.column(m, s): report.label(m, models[m].process.name, s, eta, settings["clip_x0"])
+    rows = {column(m, s): report.label(m, models[m].process.name, s, eta, settings["clip_x0"])
             for s in settings["samplers"] for m in models}  # paper order: samplers outer
     steps = sorted({int(s) for cells in table.values() for s in cells})
     save_json({"n_samples": n, "floor_fid": floor["fid"],
                **{c: {s: cell["fid"] for s, cell in cells.items()} for c, cells in table.items()}},
-              OUT_DIR / "table.json")
-    save_json({"n_samples": n, "floor": floor, **table}, OUT_DIR / "cells.json")
+              SWEEP_DIR / "table.json")
+    save_json({"n_samples": n, "floor": floor, **table}, SWEEP_DIR / "cells.json")
     cells = [(c, int(s), cell) for c, by_steps in table.items() for s, cell in by_steps.items()]
     run.log_table({"row": [rows[c] for c, _, _ in cells], "steps": [s for _, s, _ in cells],
-                   **{k: [cell[k] for _, _, cell in cells] for k in (*KEPT, "seconds")}},
+                   **{k: [cell[k] for _, _, cell in cells] for k in (*SCORES, "seconds")}},
                   "cells_table.json")
     save_text(report.csv_text(report.fid_rows(table, list(rows), steps), list(rows)),
-              OUT_DIR / "fid.csv")
+              SWEEP_DIR / "fid.csv")
     save_text(report.markdown_report(table, rows, steps, floor, n, report.device_label(device)),
-              OUT_DIR / "table.md")
+              SWEEP_DIR / "table.md")
     report.save_figure(report.fid_figure(table, rows, steps, floor["fid"], n),
-                       OUT_DIR / "fid_vs_steps.png")
+                       SWEEP_DIR / "fid_vs_steps.png")
     for name in ("table.json", "cells.json", "fid.csv", "table.md", "fid_vs_steps.png"):
-        run.log_artifact(OUT_DIR / name)
+        run.log_artifact(SWEEP_DIR / name)
     run.finish()
     print(f"sweep: {sum(map(len, table.values()))} cells on {n} samples, {precision} "
-          f"(floor FID {floor['fid']:.2f}) -> {OUT_DIR}")
+          f"(floor FID {floor['fid']:.2f}) -> {SWEEP_DIR}")
 
 
 if __name__ == "__main__":

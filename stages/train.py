@@ -1,11 +1,11 @@
 """DVC stage train@<model>: train the model's network under its noise process.
 
-Writes ``models/<model>/model.pt`` (EMA weights, raw weights, config), ``models/<model>/run.json``
-(the MLflow run id, so later stages log next to it) and, through ``diffusion.training.TrainLoop``,
-``results/train/<model>/log.csv`` and ``grids/epoch_NNN.png``. A killed run resumes from its last
-completed epoch on the next ``dvc repro``: the state is saved after every epoch under ``.resume/``
-(outside DVC's outputs), keyed by the stage's params and input data, and removed at the end.
-Under ``torchrun --nproc_per_node=N -m stages.train <model>`` the N processes train one model
+Writes ``models/<model>/model.pt`` (EMA weights, raw weights, config) and, through
+``diffusion.training.TrainLoop``, ``results/train/<model>/log.csv`` and ``grids/epoch_NNN.png``.
+A killed run resumes from its last completed epoch on the next ``dvc repro``: the state (and
+the MLflow run id) is saved after every epoch under ``.resume/``, outside DVC's outputs, keyed
+by the stage's params and input data, and removed at the end. Under
+``torchrun --nproc_per_node=N -m stages.train <model>`` the N processes train one model
 data-parallel (``train.batch_size`` per process); rank 0 alone writes and logs.
 """
 
@@ -16,35 +16,31 @@ from pathlib import Path
 import torch
 
 from diffusion import distributed
-from diffusion.data import grid_image
-from diffusion.io import save_json
-from diffusion.model import default_device, save_model
+from diffusion.data import default_device, grid_image
+from diffusion.model import load, save_model
 from diffusion.network import make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.training import Checkpoint, NonFiniteLossError, TrainConfig, TrainLoop
-from stages.common import (RAW_DIR, EpochProgress, Silent, fail, log_mnist, mnist_on,
-                           model_argument, open_run, plain, stage_main, warn)
+from stages.common import (EpochProgress, Silent, fail, log_mnist, mnist_on, model_argument,
+                           open_run, plain, stage_main, warn)
 from stages.params import load_params_or_exit
-from stages.tracking import repo_root
-
-
-def checkpoint_for(stage: str, params: dict) -> Checkpoint:
-    """This stage's resume state: keyed by its params and the MNIST files."""
-    return Checkpoint.keyed(repo_root() / ".resume", stage, params, RAW_DIR.iterdir())
+from stages.paths import RAW_DIR, RESUME_DIR, model_file, train_dir
+from stages.store import repo_root
 
 
 @stage_main
 def main() -> None:
     model = model_argument("train")
     stage = f"train@{model}"
-    params = plain(load_params_or_exit(stage))
+    params = plain(load_params_or_exit(stage, build_process=make_process))
     world, device = distributed.init(default_device())
     config = TrainConfig(**params["train"], seed=params["seed"], data_scale=params["data"]["scale"],
                          precision=resolve_precision(params["precision"], device))
-    checkpoint = checkpoint_for(stage, params)
+    # Keyed by the params and the MNIST files: a state resumes only the run that made it.
+    checkpoint = Checkpoint.keyed(repo_root() / RESUME_DIR, stage, params, RAW_DIR.iterdir())
     torch.manual_seed(config.seed)  # the network's initial weights
     loop = TrainLoop(make_network(params["net"]), make_process(params[model]), config, device,
-                     Path("results/train") / model, checkpoint=checkpoint, warn=warn)
+                     train_dir(model), checkpoint=checkpoint, warn=warn)
     run = open_run(stage, model, run_id=loop.extra.get("run_id")) if world.is_main else Silent()
     loop.extra["run_id"] = run.run_id
     if world.is_main:
@@ -64,7 +60,7 @@ def main() -> None:
     test_images, _ = mnist_on(device, train=False)
     progress = EpochProgress(config.epochs, loop.state.epoch, stage) if world.is_main else Silent()
 
-    def on_epoch(record, grid: Path | None) -> None:
+    def report(record, grid: Path | None) -> None:
         progress.epoch_done(record.epoch, record.train_loss, record.heldout_loss,
                             record.images_per_s)
         run.log_metrics({"train_loss": record.train_loss, "heldout_loss": record.heldout_loss,
@@ -75,7 +71,7 @@ def main() -> None:
 
     with run.system_metrics(resume=loop.resumed):  # training and the model's logging
         try:
-            state = loop.run(train_images, test_images, on_epoch=on_epoch)
+            state = loop.run(train_images, test_images, report=report)
         except KeyboardInterrupt:
             progress.close()
             run.finish("KILLED")
@@ -91,23 +87,23 @@ def main() -> None:
             fail(f"{stage}: {error}")
         progress.close()
         if world.is_main:  # rank 0 writes the outputs
-            model_file = Path("models") / model / "model.pt"
-            save_model(model_file, state.net, state.ema, loop.process,
+            path = model_file(model)
+            save_model(path, state.net, state.ema, loop.process,
                        {"model": model, "net": params["net"], "seed": config.seed,
                         "train_subset": params["data"]["train_subset"], "train": params["train"],
                         "data_scale": config.data_scale,
                         "precision": config.precision, "epochs_trained": state.epoch})
-            save_json({"run_id": run.run_id, "experiment_id": run.experiment_id},
-                      model_file.parent / "run.json")
-            run.log_artifact(model_file, "model_file")
-            run.log_pytorch_model(model_file, model)  # runs:/<id>/<model>, models:/<model>/<n>
+            run.log_artifact(path, "model_file")
+            model_id = run.log_pytorch_model(load(path, device="cpu"), path, model)
+            last = state.log[-1]  # the logged model's own figures (its page's "Metrics")
+            run.log_metrics({"train_loss": last.train_loss, "heldout_loss": last.heldout_loss},
+                            step=last.epoch, model_id=model_id)
             run.log_artifact(loop.out_dir / "log.csv")
     if world.is_main:
         run.finish()
         checkpoint.remove()
-        last = state.log[-1]
         print(f"{stage}: {state.epoch} epochs, train loss {last.train_loss:.4f}, "
-              f"held-out loss {last.heldout_loss:.4f} -> {model_file}")
+              f"held-out loss {last.heldout_loss:.4f} -> {path}")
     distributed.shutdown()
 
 

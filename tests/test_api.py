@@ -130,7 +130,7 @@ def test_mlflow_pytorch_round_trip(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # the experiment's artifacts go to tmp_path
     run = Run("train@ddgm", "ddgm")
     run.log_artifact(model_file, "model_file")
-    run.log_pytorch_model(model_file, "ddgm")
+    run.log_pytorch_model(diffusion.load(model_file, device="cpu"), model_file, "ddgm")
     run.finish()
     assert not run._warned, "logging the model failed"
 
@@ -155,7 +155,8 @@ def test_mlflow_pytorch_round_trip(tmp_path: Path, monkeypatch):
 
     # The weights-only copy beside it: diffusion.load_from_mlflow by run id, by run URI and from
     # the model registry, where each train run adds a version of the model named after it.
-    for reference in (run.run_id, f"runs:/{run.run_id}/ddgm", "models:/ddgm/1"):
+    for reference in (run.run_id, f"runs:/{run.run_id}/ddgm", "models:/ddgm/1", "models:/ddgm/latest",
+                      "models:/ddgm@newest"):
         again = diffusion.load_from_mlflow(reference, device="cpu", tracking_uri=uri)
         assert torch.equal(again.sample(8, steps=10, sampler="ddim", eta=0.0, seed=7),
                            expected["ddim"])
@@ -169,7 +170,9 @@ def test_log_pytorch_model_failure_does_not_raise(tmp_path: Path, monkeypatch, c
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     run = Run("train@ddpm", "ddpm")
-    run.log_pytorch_model(tmp_path / "missing" / "model.pt", "ddpm")  # warns, goes on
+    model = diffusion.load(write_model(tmp_path / "model.pt", GaussianProcess((1e-4, 0.02), N_T)),
+                           device="cpu")
+    run.log_pytorch_model(model, tmp_path / "missing" / "model.pt", "ddpm")  # warns, goes on
     assert run._warned
     assert "MLflow logging failed" in capsys.readouterr().err
     run.finish()

@@ -20,7 +20,6 @@ import ast
 import csv
 import hashlib
 import importlib
-import json
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ import torch
 import yaml
 
 from diffusion.io import UnsafeModelFileError, atomic_path, load_torch, save_json, save_text, save_torch
+from stages.tracking import file_digest
 from tests.helpers import REPO, make_scratch_repo, merge, stage_env
 
 pytestmark = pytest.mark.slow  # stages run in subprocesses and scratch repos
@@ -197,8 +197,6 @@ def params_repo(tmp_path_factory) -> Path:
                 "results/sweep/table.json"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(f"previous {rel}".encode())
-    (root / "models/ddpm/run.json").write_text('{"run_id": "x"}')
-    (root / "models/ddgm/run.json").write_text('{"run_id": "x"}')
     return root
 
 
@@ -312,7 +310,7 @@ def test_ctrl_c_saves_exits_130_with_resume_hint_and_rerun_resumes(tmp_path, ref
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mnist-diffusion").experiment_id])
     assert [run.info.status for run in runs] == ["FINISHED"]
-    assert json.loads((root / "models/ddgm/run.json").read_text())["run_id"] == runs[0].info.run_id
+    assert runs[0].data.tags["model_file_sha256"] == file_digest(root / "models/ddgm/model.pt")
 
 
 # ---------------------------------------------------------------- outputs whole or absent
@@ -548,7 +546,6 @@ def test_stage_refuses_model_file_with_pickled_code_in_one_line(tmp_path, argv):
     root = scratch(tmp_path / "repo")
     marker = tmp_path / "payload-ran"
     write_hostile_model(root / "models/ddpm/model.pt", marker)
-    (root / "models/ddpm/run.json").write_text('{"run_id": "x"}')
     result = run_stage(root, *argv)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -588,7 +585,7 @@ def test_tracking_failing_mid_training_warns_once_and_outputs_finish(tmp_path, m
     err = capsys.readouterr().err
     assert len(metric_batches) == 3  # every epoch tried to log
     assert err.count("warning: MLflow logging failed") == 1, err
-    assert (root / "models/ddgm/model.pt").is_file() and (root / "models/ddgm/run.json").is_file()
+    assert (root / "models/ddgm/model.pt").is_file()
     assert [row[0] for row in loss_rows(root)] == ["1", "2", "3"]
 
 
@@ -871,7 +868,7 @@ def test_store_errors_name_their_cause_not_the_wrapper():
 
     import sqlalchemy
 
-    from stages.tracking import root_cause
+    from stages.store import root_cause
 
     with pytest.raises(sqlalchemy.exc.OperationalError) as info:
         engine = sqlalchemy.create_engine(

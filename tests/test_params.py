@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so that `pytest` works from any directory, not only `python -m pytest`
 
+from diffusion.process import make_process  # noqa: E402
 from stages.params import ParamsError, load_params, load_params_or_exit, validate  # noqa: E402
 
 SHIPPED = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -33,7 +34,7 @@ def with_value(dotted, value, params=None):
 
 def error_of(params):
     with pytest.raises(ParamsError) as info:
-        validate(params)
+        validate(params, make_process)
     message = str(info.value)
     assert "\n" not in message and message.startswith("params.yaml: ")
     return message
@@ -266,7 +267,7 @@ def test_load_params_or_exit(project, capsys):
 
 def run_cli(cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "stages.params"], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "tools.check"], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def test_cli_ok(project):

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from stages.tracking import file_digest
 from tests.helpers import TINY_PARAMS, make_scratch_repo, stage_env
 
 STAGES = ["download", "classifier", "train@ddpm", "train@ddgm", "sample@ddpm", "sample@ddgm",
@@ -108,10 +109,10 @@ def test_mlflow_holds_tagged_runs_with_user_source_and_nesting(pipeline):
     for model in ("ddpm", "ddgm"):
         train_run = by_stage[f"train@{model}"]
         assert train_run.data.tags["model"] == model
-        run_id = json.loads((root / "models" / model / "run.json").read_text())["run_id"]
-        assert run_id == train_run.info.run_id
-        for stage in ("sample", "evaluate"):
-            assert by_stage[f"{stage}@{model}"].data.tags["mlflow.parentRunId"] == run_id
+        assert train_run.data.tags["model_file_sha256"] == file_digest(root / "models" / model / "model.pt")
+        for stage in ("sample", "evaluate"):  # found by that digest: nothing of MLflow's in DVC's outputs
+            assert by_stage[f"{stage}@{model}"].data.tags["mlflow.parentRunId"] == train_run.info.run_id
+        assert sorted(p.name for p in (root / "models" / model).iterdir()) == ["model.pt"]
 
 
 def headline_metrics(run) -> set[str]:
@@ -123,7 +124,10 @@ def test_mlflow_metrics_are_the_headline_ones_and_training_curves_stay_within_th
     root, _ = pipeline
     from mlflow.tracking import MlflowClient
 
-    from diffusion.evaluation import HEADLINE
+    from diffusion.metrics import HEADLINE_SCORES
+    from stages.common import mlflow_scores
+
+    quality = set(mlflow_scores(dict.fromkeys(HEADLINE_SCORES, 0.0)))
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-diffusion")
@@ -137,16 +141,17 @@ def test_mlflow_metrics_are_the_headline_ones_and_training_curves_stay_within_th
             steps = [m.step for m in client.get_metric_history(train_run.info.run_id, key)]
             assert steps and all(1 <= step <= epochs for step in steps), (key, steps)
         evaluate_run = by_stage[f"evaluate@{model}"]
-        assert headline_metrics(evaluate_run) == {"heldout_loss", *HEADLINE,
-                                                  *(f"floor_{k}" for k in HEADLINE)}
+        assert headline_metrics(evaluate_run) == {"eval_loss", *quality,
+                                                  *(f"floor_{k}" for k in quality)}
+        assert {"sample_precision", "sample_recall"} <= quality and "precision" not in quality
         tables = {a.path for a in client.list_artifacts(evaluate_run.info.run_id)}
         assert {"class_balance.json", "psnr.json", "metrics.json", "detail.json"} <= tables
     classifier_run = by_stage["classifier"]
-    assert headline_metrics(classifier_run) == {"train_loss", "train_accuracy", "test_accuracy"}
-    steps = [m.step for m in client.get_metric_history(classifier_run.info.run_id, "train_loss")]
+    assert headline_metrics(classifier_run) == {"cross_entropy", "train_accuracy", "test_accuracy"}
+    steps = [m.step for m in client.get_metric_history(classifier_run.info.run_id, "cross_entropy")]
     assert steps == list(range(1, TINY_PARAMS["classifier"]["epochs"] + 1))
     assert headline_metrics(by_stage["sweep"]) == {
-        "floor_fid", *(f"fid_{m}_{s}" for s in ("ancestral", "ddim") for m in ("ddpm", "ddgm"))}
+        "sweep_floor_fid", *(f"fid_{m}_{s}" for s in ("ancestral", "ddim") for m in ("ddpm", "ddgm"))}
     metrics_file = json.loads((root / "results/evaluate/ddpm/metrics.json").read_text())
     assert len(metrics_file) + len(metrics_file["quality"]) + len(metrics_file["floor"]) < 20
 

@@ -18,9 +18,9 @@ import torch
 import yaml
 from PIL import Image
 
-from diffusion import report
+from diffusion import evaluation, report
 from diffusion.classifier import MnistClassifier, save_classifier
-from diffusion.io import save_json
+from diffusion.metrics import SCORES
 from diffusion.model import save_model
 from diffusion.network import make_network
 from diffusion.process import GammaProcess, GaussianProcess
@@ -51,7 +51,6 @@ def build_inputs(root: Path, ddgm_n_T: int = 10, sweep_params: dict | None = Non
         net = make_network(net_config)
         save_model(root / "models" / name / "model.pt", net, net, process,
                    {"model": name, "net": net_config})
-        save_json({"run_id": "none", "experiment_id": "0"}, root / "models" / name / "run.json")
     torch.manual_seed(0)
     save_classifier(MnistClassifier(channels=(4, 8), feature_dim=16).eval(),
                     root / "models" / "classifier" / "classifier.pt")
@@ -95,7 +94,7 @@ HAND_ROWS = {"ddpm_ancestral": "Gaussian (ddpm), ancestral (DDPM)",
 
 
 def test_column_and_label_name_the_paper_rows():
-    assert report.column("ddgm", "ddim") == "ddgm_ddim"
+    assert evaluation.column("ddgm", "ddim") == "ddgm_ddim"
     assert report.label("ddgm", "gamma", "ddim", 0.0) == "Gamma (ddgm), DDIM eta=0"
     assert report.label("ddpm", "gaussian", "ancestral", 0.5) == "Gaussian (ddpm), ancestral (DDPM)"
 
@@ -137,7 +136,7 @@ def test_cells_json_has_every_cell_with_finite_metrics(swept):
     for c in COLUMNS:
         assert sorted(table[c], key=int) == [str(s) for s in STEPS]
         for cell in table[c].values():
-            assert set(cell) == {*sweep.KEPT, "seconds"}
+            assert set(cell) == {*SCORES, "seconds"}
             assert all(math.isfinite(v) for v in cell.values())
             assert cell["fid"] >= 0 and cell["seconds"] > 0 and 0 <= cell["precision"] <= 1
 
@@ -188,7 +187,8 @@ def test_mlflow_run_holds_fid_curves_and_the_cells_as_a_table(swept):
     client, runs = mlflow_runs(swept)
     [run] = [r for r in runs if r.data.tags["stage"] == "sweep"]
     assert run.info.status == "FINISHED"
-    assert set(run.data.metrics) == {"floor_fid", *(f"fid_{c}" for c in COLUMNS)}
+    assert {key for key in run.data.metrics if not key.startswith("system/")} == {
+        "sweep_floor_fid", *(f"fid_{c}" for c in COLUMNS)}
     cells = json.loads((swept / "results/sweep/cells.json").read_text())
     for c in COLUMNS:  # FID against steps: one point per step count
         history = client.get_metric_history(run.info.run_id, f"fid_{c}")

@@ -104,7 +104,7 @@ def main() -> None:
         print(f"estimate: CUDA ({torch.cuda.get_device_name()}): the defaults take minutes here")
         return
     try:
-        params = validate(read_yaml(Path(PARAMS_FILE)))
+        params = validate(read_yaml(Path(PARAMS_FILE)), make_process)
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from diffusion.process import make_process
 from stages.params import PARAMS_FILE, ParamsError, read_yaml, validate
 
 
@@ -49,7 +50,7 @@ def apply(params: dict, overrides: dict, source: str) -> dict:
             raise ParamsError(f"{source}: {key} is not a params.yaml key with a single value")
         node[last] = value
     try:
-        return validate(merged)
+        return validate(merged, make_process)
     except ParamsError as error:
         raise ParamsError(f"{source} on params.yaml: {str(error).removeprefix('params.yaml: ')}") from None
 
