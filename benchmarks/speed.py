@@ -43,6 +43,7 @@ from diffusion.network import NATIVE_BF16_CPU_FEATURES, PRECISIONS, DenoiserCNN,
 from diffusion.process import GaussianProcess
 from diffusion.sampling import sample
 from diffusion.training import TrainConfig, make_state, train
+from stages.params import PARAMS_FILE, read_yaml
 
 BETAS = (1e-4, 0.02)
 N_T = 1000
@@ -70,8 +71,10 @@ def ours_train(images: torch.Tensor, steps: int, batch_size: int, device: torch.
                seed: int, precision: str = "auto") -> float:
     """Training images/s of diffusion.training.train on ``steps`` batches."""
     data = images[:steps * batch_size].to(device)
-    config = TrainConfig(epochs=1, batch_size=batch_size, lr=LR, holdout_subset=1, seed=seed,
-                         precision=precision)
+    seed_train = read_yaml(Path(PARAMS_FILE))["train"]  # the other keys: params.yaml's
+    config = TrainConfig(**{**seed_train, "epochs": 1, "batch_size": batch_size, "lr": LR,
+                            "holdout_subset": 1, "lr_schedule": "constant", "warmup": 0},
+                         seed=seed, precision=precision, data_scale=1.0)
     torch.manual_seed(seed)
     state = make_state(DenoiserCNN(), config, device)
     process = GaussianProcess(BETAS, N_T)

@@ -97,11 +97,6 @@ class DiffusionModel(nn.Module):
         return to_uint8(x, self.scale).cpu()
 
     @torch.no_grad()
-    def predict_noise(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """The network's eps estimate for x_t (float (N, 1, 28, 28), model range) at timestep t."""
-        return self(x_t, t)
-
-    @torch.no_grad()
     def denoise(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """One-step estimate of the clean image x0 from x_t (Ho et al. 2020, eq. 15, for an eps
         network: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_bar_t))."""

@@ -173,8 +173,8 @@ class UNet(nn.Module):
     (improved-diffusion does the same).
     """
 
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), blocks: int = 1,
-                 attention: bool = True, activation: str = "silu", in_channels: int = 1) -> None:
+    def __init__(self, channels: tuple[int, ...], blocks: int, attention: bool, activation: str,
+                 in_channels: int = 1) -> None:
         super().__init__()
         if not 2 <= len(channels) <= 3:
             raise ValueError(f"channels must give two or three widths (28, 14[, 7]), got {channels}")

@@ -177,11 +177,6 @@ class NoiseProcess(nn.Module):
             return (x_t - a * prediction) / s, prediction
         return s * x_t + a * prediction, a * x_t - s * prediction
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Invert eq. 4 for x0 given a noise estimate: the one-step estimate of the clean image."""
-        a, s = self._a_s(t, x_t)
-        return (x_t - s * eps) / a
-
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """The signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of x_t, float64: the noise
         has unit variance under either law, so this is the same for Gaussian and Gamma noise."""

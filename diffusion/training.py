@@ -57,25 +57,26 @@ from diffusion.sampling import sample
 
 @dataclass
 class TrainConfig:
-    """params.yaml's ``train`` section, with the run's seed and precision."""
+    """params.yaml's ``train`` section (its comments say what each key means; the values,
+    defaults included, live there only), with the run's seed, precision and data scale."""
 
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 2e-4
-    ema_decay: float = 0.999  # 0: the EMA is the raw weights
-    warmup: int = 0           # steps of linear lr warm-up from 0 (0: none)
-    lr_schedule: str = "constant"  # after the warm-up: constant | cosine | linear decay
-    lr_floor: float = 0.0     # cosine/linear: the lr at the last step, as a fraction of lr
-    min_snr_gamma: float = 0.0  # min-SNR-gamma loss weights (Hang et al. 2023); 0: plain MSE
-    ema_warmup: float = 10.0  # K of the EMA warm-up min(decay, (1 + step) / (K + step))
-    grad_clip: float = 0.0    # clip the gradient's global L2 norm to this (0: no clipping)
-    grid_every: int = 10      # TrainLoop: a sample grid every N epochs, and after the last
-    grid_size: int = 16       # TrainLoop: digits per grid
-    holdout_subset: int = 0   # test images for the held-out loss; 0 = all
-    compile: bool = False
-    seed: int = 42
-    precision: str = "auto"   # "auto" (bf16 where the device has it natively) | "bf16" | "fp32"
-    data_scale: float = 1.0   # images in [-data_scale, data_scale] (diffusion.data)
+    epochs: int
+    batch_size: int
+    lr: float
+    ema_decay: float          # 0: the EMA is the raw weights
+    warmup: int               # steps of linear lr warm-up (0: none)
+    lr_schedule: str          # after the warm-up: constant | cosine | linear decay
+    lr_floor: float           # cosine/linear: the lr at the last step, as a fraction of lr
+    min_snr_gamma: float      # min-SNR-gamma loss weights (Hang et al. 2023); 0: plain MSE
+    ema_warmup: float         # K of the EMA warm-up min(decay, (1 + step) / (K + step))
+    grad_clip: float          # clip the gradient's global L2 norm to this (0: no clipping)
+    grid_every: int           # TrainLoop: a sample grid every N epochs, and after the last
+    grid_size: int            # TrainLoop: digits per grid
+    holdout_subset: int       # test images for the held-out loss; 0 = all
+    compile: bool
+    seed: int
+    precision: str            # "auto" (bf16 where the device has it natively) | "bf16" | "fp32"
+    data_scale: float         # images in [-data_scale, data_scale] (diffusion.data)
 
 
 @dataclass

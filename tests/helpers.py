@@ -33,6 +33,16 @@ TINY_PARAMS = {
 }
 
 
+def train_config(**overrides):
+    """A ``TrainConfig`` of params.yaml's train section, seed and data scale (precision auto),
+    with ``overrides``."""
+    from diffusion.training import TrainConfig
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    return TrainConfig(**{**params["train"], "seed": params["seed"], "precision": "auto",
+                          "data_scale": params["data"]["scale"], **overrides})
+
+
 def merge(base: dict, overrides: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
@@ -90,7 +100,7 @@ def init_git_and_dvc(root: Path) -> None:
     run("git", "commit", "-q", "-m", "scratch pipeline")
 
 
-def stage_env(root: Path) -> dict[str, str]:
+def stage_env() -> dict[str, str]:
     """Environment for running stages in a scratch repo: its own MLflow store, one thread."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1")

@@ -27,12 +27,13 @@ TRAIN_SCRIPT = textwrap.dedent('''
     from diffusion import distributed
     from diffusion.network import DenoiserCNN
     from diffusion.process import GammaProcess
-    from diffusion.training import TrainConfig, make_state, train
+    from diffusion.training import make_state, train
+    from tests.helpers import train_config
 
     world, device = distributed.init(torch.device("cpu"))
     torch.manual_seed(world.rank)  # different initial weights: rank 0's must be broadcast
     images = (torch.rand(51, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    config = TrainConfig(epochs=2, batch_size=8, lr=1e-3, ema_decay=0.9, holdout_subset=8, seed=3)
+    config = train_config(epochs=2, batch_size=8, lr=1e-3, ema_decay=0.9, holdout_subset=8, seed=3)
     state = make_state(DenoiserCNN((4, 4)), config, device)
     epochs_seen = []
     train(state, GammaProcess((1e-4, 0.02), 20, 0.001), images, images[:8], config,
@@ -84,7 +85,7 @@ def test_two_ranks_end_with_identical_weights_and_only_rank_0_runs_callbacks(tmp
 @pytest.mark.parametrize("model", ["ddpm"])
 def test_train_stage_under_torchrun_writes_one_set_of_outputs_and_one_mlflow_run(tmp_path, model):
     root = make_scratch_repo(tmp_path / "repo", {"train": {"epochs": 2}}, git=False)
-    env = {**stage_env(root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     result = torchrun("-m", "stages.train", model, cwd=root, env=env)
     assert result.stdout.count(f"train@{model}: 2 epochs") == 1  # the summary line: rank 0 only
 

@@ -11,7 +11,7 @@
 - two queued DVC experiments run in parallel into one MLflow store.
 
 Stages run as the real CLIs (``python -m stages.<name>``) in scratch copies of the repo
-(tests/conftest.py) with tiny params and synthetic MNIST, except where noted.
+(tests/helpers.py) with tiny params and synthetic MNIST, except where noted.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tests.helpers import REPO, make_scratch_repo, merge, stage_env
 
 pytestmark = pytest.mark.slow  # stages run in subprocesses and scratch repos
 
-# On top of conftest.TINY_PARAMS (256 images, n_T 10, a grid every epoch): three epochs.
+# On top of helpers.TINY_PARAMS (256 images, n_T 10, a grid every epoch): three epochs.
 FAULT_PARAMS = {"train": {"epochs": 3}}
 LOSS_COLUMNS = ("epoch", "train_loss", "heldout_loss")
 
@@ -50,7 +50,7 @@ def scratch(path: Path, params: dict | None = None, **kwargs) -> Path:
 
 
 def env_for(root: Path, **extra: str) -> dict[str, str]:
-    env = stage_env(root)
+    env = stage_env()
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     env.update(extra)
     return env

@@ -32,7 +32,7 @@ def test_make_network_builds_the_seed_cnn_by_default_and_the_unet_on_request():
                                                          ((8, 16, 24), 1, True), ((8, 8, 16), 2, False)])
 def test_unet_maps_a_batch_to_its_shape_and_learns_through_every_block(channels, blocks, attention):
     torch.manual_seed(0)
-    net = UNet(channels, blocks, attention)
+    net = UNet(channels, blocks, attention, "silu")
     x, t = torch.randn(3, 1, 28, 28), torch.tensor([0.0, 0.5, 1.0])
     out = net(x, t)
     assert out.shape == (3, 1, 28, 28) and torch.equal(out, torch.zeros_like(out))  # zero head
@@ -50,18 +50,18 @@ def test_unet_maps_a_batch_to_its_shape_and_learns_through_every_block(channels,
 
 def test_unet_attention_is_self_attention_over_pixels():
     torch.manual_seed(0)
-    with_attention = UNet((8, 16), 1, True)
+    with_attention = UNet((8, 16), 1, True, "gelu")
     assert sum(isinstance(m, torch.nn.Conv2d) and m.out_channels == 48 for m in with_attention.modules()) == 1
-    assert parameters(with_attention) > parameters(UNet((8, 16), 1, False))
+    assert parameters(with_attention) > parameters(UNet((8, 16), 1, False, "gelu"))
 
 
 def test_three_widths_add_a_7x7_level_and_attention_sits_at_the_lowest_resolution():
     torch.manual_seed(0)
-    net = UNet((8, 16, 24), 1, True)
+    net = UNet((8, 16, 24), 1, True, "silu")
     assert len(net.down) == len(net.up) == 3 and len(net.downsample) == len(net.upsample) == 2
     sizes = []
     net.attention.register_forward_hook(lambda module, inputs, output: sizes.append(output.shape))
     net(torch.randn(2, 1, 28, 28), torch.tensor([0.1, 0.9]))
     assert sizes == [(2, 24, 7, 7)]
     with pytest.raises(ValueError, match="two or three widths"):
-        UNet((8,), 1, False)
+        UNet((8,), 1, False, "silu")

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # real `dvc repro` runs
 
 def dvc(root: Path, *args: str) -> str:
     # System metrics sampled every second, so the tiny stages' runs get some.
-    env = {**stage_env(root), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    env = {**stage_env(), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     result = subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"

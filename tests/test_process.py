@@ -86,12 +86,12 @@ def test_noise_is_reproducible_from_the_generator():
     assert torch.equal(draw(), draw())
 
 
-def test_predict_x0_inverts_q_sample():
+def test_the_x0_estimate_from_the_true_noise_inverts_q_sample():
     process = GammaProcess((1e-4, 0.02), 100, 0.001)
     x0 = torch.rand(8, 1, 28, 28) * 2 - 1
     t = torch.arange(1, 9) * 12
     eps = process.noise(t, x0.shape, generator=torch.Generator().manual_seed(4))
-    assert torch.allclose(process.predict_x0(process.q_sample(x0, t, eps), t, eps), x0, atol=1e-4)
+    assert torch.allclose(process.eps_and_x0(process.q_sample(x0, t, eps), t, eps)[1], x0, atol=1e-4)
 
 
 def test_config_round_trip_and_noise_names():

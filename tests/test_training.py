@@ -8,10 +8,11 @@ import torch
 
 from diffusion.network import DenoiserCNN, resolve_precision
 from diffusion.process import GammaProcess, GaussianProcess
-from diffusion.training import (NonFiniteLossError, TrainConfig, autocast, denoising_loss,
-                                ema_decay_at, ema_update, learning_rate, make_state, train)
+from diffusion.training import (NonFiniteLossError, autocast, denoising_loss, ema_decay_at,
+                                ema_update, learning_rate, make_state, train)
+from tests.helpers import train_config
 
-CONFIG = TrainConfig(epochs=2, batch_size=32, lr=1e-3, ema_decay=0.99, holdout_subset=16, seed=5)
+CONFIG = train_config(epochs=2, batch_size=32, lr=1e-3, ema_decay=0.99, holdout_subset=16, seed=5)
 
 
 def images(n=80, seed=0):
@@ -43,7 +44,7 @@ def test_resume_from_saved_state_matches_uninterrupted_run():
     straight = train(fresh_state(), process, images(), images(seed=1), CONFIG)
 
     saved = {}
-    one_epoch = TrainConfig(**{**CONFIG.__dict__, "epochs": 1})
+    one_epoch = train_config(**{**CONFIG.__dict__, "epochs": 1})
     train(fresh_state(), process, images(), images(seed=1), one_epoch,
           on_checkpoint=lambda s: saved.update(copy.deepcopy(s.state_dict())))
     resumed = fresh_state()
@@ -58,7 +59,7 @@ def test_resume_from_saved_state_matches_uninterrupted_run():
 
 def test_loss_goes_down_on_a_small_set():
     process = GaussianProcess((1e-4, 0.02), 20)
-    config = TrainConfig(epochs=8, batch_size=8, lr=5e-3, ema_decay=0.9, holdout_subset=16, seed=0)
+    config = train_config(epochs=8, batch_size=8, lr=5e-3, ema_decay=0.9, holdout_subset=16, seed=0)
     squares = torch.zeros(64, 28, 28, dtype=torch.uint8)
     squares[:, 8:20, 8:20] = 255  # one learnable image: the network can tell it from noise
     state = train(fresh_state(config), process, squares, squares[:16], config)
@@ -97,7 +98,7 @@ def test_bf16_autocast_losses_agree_with_fp32_within_2_percent():
     process = GammaProcess((1e-4, 0.02), 20, 0.001)
     runs = {}
     for precision in ("fp32", "bf16"):
-        config = TrainConfig(**{**CONFIG.__dict__, "precision": precision})
+        config = train_config(**{**CONFIG.__dict__, "precision": precision})
         runs[precision] = train(fresh_state(config), process, images(), images(seed=1), config)
     fp32, bf16 = runs["fp32"].log, runs["bf16"].log
     assert [r.train_loss for r in fp32] != [r.train_loss for r in bf16]  # bf16 really ran
@@ -128,7 +129,7 @@ def test_bf16_autocast_touches_the_network_only_and_gamma_noise_stays_exact():
 
 
 def test_bf16_training_is_bit_identical_from_the_same_seed():
-    config = TrainConfig(**{**CONFIG.__dict__, "precision": "bf16"})
+    config = train_config(**{**CONFIG.__dict__, "precision": "bf16"})
     process = GaussianProcess((1e-4, 0.02), 20)
     a = train(fresh_state(config), process, images(), images(seed=1), config)
     b = train(fresh_state(config), process, images(), images(seed=1), config)
@@ -166,7 +167,7 @@ def test_model_runs_the_network_in_its_precision():
 
 # ---------------------------------------------------------------- the choices the seed leaves open
 def test_warmup_ramps_the_learning_rate_linearly_from_the_step_count():
-    config = TrainConfig(**{**CONFIG.__dict__, "warmup": 4, "epochs": 1})
+    config = train_config(**{**CONFIG.__dict__, "warmup": 4, "epochs": 1})
     state = fresh_state(config)
     seen = []
     step = state.optimizer.step
@@ -181,7 +182,7 @@ def test_warmup_ramps_the_learning_rate_linearly_from_the_step_count():
 
 
 def test_gradient_clipping_bounds_the_global_norm_each_step():
-    config = TrainConfig(**{**CONFIG.__dict__, "grad_clip": 1e-3, "epochs": 1})
+    config = train_config(**{**CONFIG.__dict__, "grad_clip": 1e-3, "epochs": 1})
     state = fresh_state(config)
     norms = []
     step = state.optimizer.step
@@ -203,7 +204,7 @@ def test_gradient_clipping_bounds_the_global_norm_each_step():
 
 
 def test_ema_decay_zero_keeps_the_raw_weights():
-    config = TrainConfig(**{**CONFIG.__dict__, "ema_decay": 0.0})
+    config = train_config(**{**CONFIG.__dict__, "ema_decay": 0.0})
     state = train(fresh_state(config), GaussianProcess((1e-4, 0.02), 20), images(), images(seed=1),
                   config)
     assert all(torch.equal(a, b) for a, b in zip(state.net.parameters(), state.ema.parameters()))
@@ -216,7 +217,7 @@ def test_data_scale_sets_the_range_the_network_is_trained_on(monkeypatch):
     real = training.denoising_loss
     monkeypatch.setattr(training, "denoising_loss",
                         lambda net, process, x0, *a, **k: seen.append(x0.abs().max()) or real(net, process, x0, *a, **k))
-    config = TrainConfig(**{**CONFIG.__dict__, "data_scale": 0.5, "epochs": 1})
+    config = train_config(**{**CONFIG.__dict__, "data_scale": 0.5, "epochs": 1})
     bright = torch.full((80, 28, 28), 255, dtype=torch.uint8)
     train(fresh_state(config), GaussianProcess((1e-4, 0.02), 20), bright, bright[:16], config)
     assert seen and all(value == 0.5 for value in seen)
@@ -225,7 +226,7 @@ def test_data_scale_sets_the_range_the_network_is_trained_on(monkeypatch):
 # ---------------------------------------------------------------- the recipe for short runs
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_decaying_lr_starts_at_lr_after_the_warm_up_and_ends_at_the_floor(schedule):
-    config = TrainConfig(lr=2e-3, warmup=10, lr_schedule=schedule, lr_floor=0.1)
+    config = train_config(lr=2e-3, warmup=10, lr_schedule=schedule, lr_floor=0.1)
     total = 111  # the decay runs over steps 10..110: 100 steps
     assert learning_rate(0, total, config) == pytest.approx(2e-3 / 10)
     assert learning_rate(9, total, config) == pytest.approx(2e-3)      # the warm-up's last step
@@ -242,14 +243,14 @@ def test_decaying_lr_starts_at_lr_after_the_warm_up_and_ends_at_the_floor(schedu
 
 
 def test_constant_lr_is_the_lr_after_the_warm_up():
-    config = TrainConfig(lr=1e-3, warmup=0, lr_schedule="constant", lr_floor=0.5)
+    config = train_config(lr=1e-3, warmup=0, lr_schedule="constant", lr_floor=0.5)
     assert {learning_rate(step, 100, config) for step in (0, 50, 99, 1000)} == {1e-3}
     with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
-        learning_rate(20, 100, TrainConfig(lr_schedule="step"))
+        learning_rate(20, 100, train_config(lr_schedule="step"))
 
 
 def test_training_steps_follow_the_schedule_fitted_to_the_run():
-    config = TrainConfig(**{**CONFIG.__dict__, "epochs": 2, "warmup": 2, "lr_schedule": "cosine",
+    config = train_config(**{**CONFIG.__dict__, "epochs": 2, "warmup": 2, "lr_schedule": "cosine",
                             "lr_floor": 0.0})
     state = fresh_state(config)
     seen = []

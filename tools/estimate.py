@@ -48,7 +48,9 @@ def measure(params: dict, device: torch.device) -> tuple[float, float]:
     precision = resolve_precision(params["precision"], device)
     torch.manual_seed(0)
     net = make_network(params["net"])
-    state = make_state(net, TrainConfig(lr=params["train"]["lr"]), device)
+    config = TrainConfig(**params["train"], seed=params["seed"], precision=precision,
+                         data_scale=params["data"]["scale"])
+    state = make_state(net, config, device)
     process = make_process(params[params["models"][0]])
     batch = params["train"]["batch_size"]
     x0 = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
