@@ -88,3 +88,14 @@ def test_estimate_measures_and_prints_one_total(tmp_path):
     first, second = result.stdout.splitlines()
     assert first.startswith("estimate: no GPU; on this CPU (") and " takes about " in first
     assert "`make quick`" in second
+
+
+def test_quick_drops_only_the_no_hash_yet_warnings_of_a_fresh_clone(capfd):
+    """`dvc exp run` warns once per output that has no hash before the first run; the rest of
+    its stderr, and its exit status, pass through."""
+    script = ("import sys; "
+              "print(\"WARNING: No file hash info found for '/r/models/ddpm'. It won't be created.\", file=sys.stderr); "
+              "print('ERROR: something else', file=sys.stderr); print('stage output'); sys.exit(3)")
+    assert quick.run_quietly([sys.executable, "-c", script]) == 3
+    out, err = capfd.readouterr()
+    assert out == "stage output\n" and err == "ERROR: something else\n"

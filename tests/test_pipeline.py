@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -198,6 +199,37 @@ def test_mlflow_training_run_has_image_steps_datasets_system_metrics_and_a_regis
 def test_second_repro_runs_nothing(pipeline):
     root, _ = pipeline
     assert stages_run(dvc(root, "repro")) == set()
+
+
+def test_retraining_with_the_same_params_leaves_the_model_output_unchanged(pipeline):
+    """No MLflow bookkeeping (a random run id) sits in DVC's outputs: the same params retrain
+    to the same bytes, so the output's hash, and everything downstream, stays."""
+    root, _ = pipeline
+    lock = lambda: yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    model_hash = lambda: next(o["md5"] for o in lock()["train@ddpm"]["outs"]
+                              if o["path"] == "models/ddpm")
+    before = model_hash()
+    assert stages_run(dvc(root, "repro", "--force", "--single-item", "train@ddpm")) == {"train@ddpm"}
+    assert model_hash() == before
+    # Only the plot re-runs: it draws the training log, whose images/s and seconds are timings.
+    assert stages_run(dvc(root, "repro")) == {"plot"}
+
+
+@pytest.mark.parametrize("edited, expected", [
+    ("diffusion/sampling.py", {"train@ddpm", "train@ddgm", "sample@ddpm", "sample@ddgm",
+                               "evaluate@ddpm", "evaluate@ddgm", "sweep", "plot"}),
+    ("diffusion/classifier.py", {"classifier", "evaluate@ddpm", "evaluate@ddgm", "sweep", "plot"}),
+    ("stages/mnist_sources.py", {"download"}),
+])
+def test_an_edit_changes_only_the_stages_that_run_the_edited_code(pipeline, tmp_path, edited, expected):
+    root, _ = pipeline
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    with open(copy / edited, "a") as file:
+        file.write("\n# an edit\n")
+    changed = json.loads(dvc(copy, "status", "--json"))
+    assert {stage for stage, changes in changed.items()
+            if any("changed deps" in change for change in changes)} == expected
 
 
 def test_changing_theta_0_reruns_only_the_ddgm_branch(pipeline):

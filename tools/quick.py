@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import subprocess
 import sys
 import time
@@ -78,7 +79,23 @@ def main() -> None:
     command = ["dvc", "exp", "run", "-n", name, *set_flags(overrides)]
     print(" ".join(command), flush=True)
     if not args.dry:
-        raise SystemExit(subprocess.call(command))
+        raise SystemExit(run_quietly(command))
+
+
+# `dvc exp run` checks out every stage's outputs before it runs the stages; in a fresh clone
+# there is no dvc.lock, so none has a hash yet and DVC warns once per output ("No file hash
+# info found for 'models/ddpm'. It won't be created."), though nothing is wrong.
+NO_HASH_YET = re.compile(r"^WARNING: No file hash info found for '.*'\. It won't be created\.$")
+
+
+def run_quietly(command: list[str]) -> int:
+    """Run ``command`` with its stdout as is and its stderr without the no-hash-yet warnings."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+    for line in process.stderr:
+        if not NO_HASH_YET.match(line.rstrip("\n")):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    return process.wait()
 
 
 if __name__ == "__main__":
