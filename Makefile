@@ -1,12 +1,13 @@
 # The commands of a fresh machine: `make repro` (set up, run the pipeline with params.yaml),
-# `make quick` (set up, run the CPU-sized experiment of quick.yaml) and `make test` (set up, run
-# the tests). `make install` alone sets up.
+# `make quick` (set up, run the CPU-sized experiment of quick.yaml), `make cpu-hour` (the longer
+# CPU experiment of cpu-hour.yaml) and `make test` (set up, run the tests). `make install` alone
+# sets up.
 PYTHON ?= python3
 # torch 2.14.1 with torchvision 0.29.1 is the pair this project is tested with; on machines
 # that already have a working torch (Colab), `make install TORCH=` skips it.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install repro quick test
+.PHONY: install repro quick cpu-hour test
 
 install:
 	$(if $(TORCH),$(PYTHON) -m pip install -q $(TORCH))
@@ -19,6 +20,9 @@ repro: install
 
 quick: install
 	$(PYTHON) -m tools.quick quick.yaml
+
+cpu-hour: install
+	$(PYTHON) -m tools.quick cpu-hour.yaml
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -17,13 +17,15 @@ def shipped_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def test_quick_yaml_is_valid_on_the_shipped_params_and_keeps_the_seed_config():
-    overrides = quick.read_overrides(REPO / "quick.yaml")
-    params = quick.apply(shipped_params(), overrides, "quick.yaml")
+@pytest.mark.parametrize("name", ["quick.yaml", "cpu-hour.yaml"])
+def test_cpu_experiments_are_valid_on_the_shipped_params_and_keep_the_seed_process(name):
+    overrides = quick.read_overrides(REPO / name)
+    params = quick.apply(shipped_params(), overrides, name)
     assert params["data"]["train_subset"] == 0          # the full training set
-    assert params["ddpm"]["n_T"] == params["ddgm"]["n_T"] == 1000
-    assert params["net"] == validate(shipped_params())["net"]
-    assert params["train"]["epochs"] < 10
+    assert params["ddpm"] == validate(shipped_params())["ddpm"]  # the seed's schedule, n_T, target
+    assert params["ddgm"] == validate(shipped_params())["ddgm"]
+    assert params["train"]["epochs"] <= 10
+    assert validate(shipped_params())["net"]["kind"] == "cnn"  # params.yaml keeps the seed's CNN
 
 
 def test_overrides_become_dvc_set_param_flags_that_yaml_reads_back():
@@ -88,6 +90,14 @@ def test_estimate_measures_and_prints_one_total(tmp_path):
     first, second = result.stdout.splitlines()
     assert first.startswith("estimate: no GPU; on this CPU (") and " takes about " in first
     assert "`make quick`" in second
+    (tmp_path / "mine.yaml").write_text("train.epochs: 1\nsweep.steps: [10]\n")
+    result = subprocess.run([sys.executable, "-m", "tools.estimate", "--with", "mine.yaml"],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("estimate: no GPU; on this CPU (")
+    assert "`python -m tools.quick mine.yaml` takes about " in result.stdout
+    assert len(result.stdout.splitlines()) == 1  # no pause, no pointer to make quick
 
 
 def test_quick_drops_only_the_no_hash_yet_warnings_of_a_fresh_clone(capfd):

@@ -1,12 +1,14 @@
 """How long ``dvc repro`` will take here, from a short measurement (``make repro`` runs this first).
 
-    python -m tools.estimate [--no-wait]
+    python -m tools.estimate [--no-wait] [--with quick.yaml]
 
 On a machine without a GPU it times a few training steps and network evaluations of the
 configured network at params.yaml's batch sizes and precision, multiplies them by the work the
 params ask for (epochs x batches for both models; images x reverse steps for the sample, evaluate
 and sweep stages; metrics and file writing are not counted), prints the total and how to run the quick experiment instead, and, on a
 terminal, waits a few seconds so Ctrl-C can stop ``make repro`` before the long work starts.
+``--with FILE`` estimates the experiment of an overrides file instead (``make quick``'s
+quick.yaml, ``make cpu-hour``'s cpu-hour.yaml), and does not wait.
 With CUDA it prints one line and returns: the defaults take minutes there.
 """
 
@@ -26,6 +28,7 @@ from diffusion.network import autocast, make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.training import TrainConfig, denoising_loss, make_state
 from stages.params import PARAMS_FILE, ParamsError, read_yaml, validate
+from tools import quick
 
 WAIT_S = 10
 TIMED_STEPS, TIMED_EVALUATIONS = 4, 3
@@ -101,12 +104,16 @@ def duration(seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.estimate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-wait", action="store_true", help="do not pause on a terminal")
+    parser.add_argument("--with", dest="overrides", type=Path, default=None, metavar="FILE",
+                        help="estimate params.yaml with this file's overrides (quick.yaml)")
     args = parser.parse_args()
     if torch.cuda.is_available():
         print(f"estimate: CUDA ({torch.cuda.get_device_name()}): the defaults take minutes here")
         return
     try:
         params = validate(read_yaml(Path(PARAMS_FILE)), make_process)
+        if args.overrides is not None:
+            params = quick.apply(params, quick.read_overrides(args.overrides), str(args.overrides))
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -116,11 +123,15 @@ def main() -> None:
     stages = {name: steps * step + evaluations * per_image
               for name, (steps, evaluations) in work(params).items()}
     total = sum(stages.values())
+    what = (f"`python -m tools.quick {args.overrides}`" if args.overrides
+            else "`dvc repro` with params.yaml")
     print(f"estimate: no GPU; on this CPU ({torch.get_num_threads()} threads, {precision}) "
-          f"`dvc repro` with params.yaml takes about {duration(total)} "
+          f"{what} takes about {duration(total)} "
           f"({', '.join(f'{name} {duration(s)}' for name, s in stages.items())}; measured "
           f"{params['train']['batch_size'] / step:.0f} training images/s and "
           f"{1 / per_image:.0f} network evaluations/s).")
+    if args.overrides is not None:
+        return
     print("estimate: `make quick` runs a CPU-sized experiment instead (quick.yaml).", flush=True)
     if sys.stdin.isatty() and not args.no_wait:
         print(f"estimate: starting in {WAIT_S} s; press Ctrl-C to stop.", flush=True)
