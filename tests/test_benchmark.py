@@ -90,3 +90,20 @@ def test_curve_refuses_a_file_that_is_not_a_quality_run(tmp_path):
     assert result.returncode == 2
     assert "is not a benchmarks.quality training run" in result.stderr
     assert not (tmp_path / "fig.png").exists()
+
+
+def test_network_benchmark_counts_flops_and_rates_for_every_network(tmp_path, monkeypatch):
+    from benchmarks import networks
+
+    monkeypatch.setattr(networks, "NETWORKS", {"cnn": networks.CNN,
+                                               "unet3": networks.unet([8, 16, 16], True)})
+    results = networks.main(["--device", "cpu", "--batch-size", "4", "--eval-batch", "4",
+                             "--repeats", "1", "--calls", "1", "--json", str(tmp_path / "n.json")])
+    rows = {row["network"]: row for row in results["rows"]}
+    # The seed's CNN: 0.475 GFLOP per image for forward + backward, whatever the batch.
+    assert rows["cnn"]["gflop_per_image"] == pytest.approx(0.475, abs=0.001)
+    assert rows["cnn"]["parameters_m"] == pytest.approx(0.29, abs=0.01)
+    for row in rows.values():
+        assert row["train_images_per_s"] > 0 and row["eval_images_per_s"] > 0
+        assert row["gflop_per_s"] == pytest.approx(row["gflop_per_image"] * row["train_images_per_s"])
+    assert (tmp_path / "n.json").is_file()
