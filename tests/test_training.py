@@ -166,8 +166,8 @@ def test_model_runs_the_network_in_its_precision():
 
 
 # ---------------------------------------------------------------- the choices the seed leaves open
-def test_warmup_ramps_the_learning_rate_linearly_from_the_step_count():
-    config = train_config(**{**CONFIG.__dict__, "warmup": 4, "epochs": 1})
+def learning_rates_of_each_step(config) -> list[float]:
+    """Train with ``config`` and return the learning rate each optimiser step used."""
     state = fresh_state(config)
     seen = []
     step = state.optimizer.step
@@ -178,6 +178,12 @@ def test_warmup_ramps_the_learning_rate_linearly_from_the_step_count():
 
     state.optimizer.step = recording_step
     train(state, GaussianProcess((1e-4, 0.02), 20), images(), images(seed=1), config)
+    return seen
+
+
+def test_warmup_ramps_the_learning_rate_linearly_from_the_step_count():
+    config = train_config(**{**CONFIG.__dict__, "warmup": 4, "epochs": 1})
+    seen = learning_rates_of_each_step(config)
     assert seen == pytest.approx([config.lr * k / 4 for k in (1, 2, 3)])  # 80 images / 32: 3 steps
 
 
@@ -252,16 +258,7 @@ def test_constant_lr_is_the_lr_after_the_warm_up():
 def test_training_steps_follow_the_schedule_fitted_to_the_run():
     config = train_config(**{**CONFIG.__dict__, "epochs": 2, "warmup": 2, "lr_schedule": "cosine",
                             "lr_floor": 0.0})
-    state = fresh_state(config)
-    seen = []
-    step = state.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        seen.append(state.optimizer.param_groups[0]["lr"])
-        return step(*args, **kwargs)
-
-    state.optimizer.step = recording_step
-    train(state, GaussianProcess((1e-4, 0.02), 20), images(), images(seed=1), config)
+    seen = learning_rates_of_each_step(config)
     # 80 images / 32 = 3 steps per epoch, 6 in all: the warm-up, then cosine down to 0
     assert seen == pytest.approx([learning_rate(s, 6, config) for s in range(6)])
     assert seen[1] == pytest.approx(config.lr) and seen[-1] == pytest.approx(0.0, abs=1e-12)
