@@ -20,12 +20,23 @@ from diffusion.data import default_device, grid_image
 from diffusion.model import load, save_model
 from diffusion.network import make_network, resolve_precision
 from diffusion.process import make_process
-from diffusion.training import Checkpoint, NonFiniteLossError, TrainConfig, TrainLoop
+from diffusion.training import Checkpoint, EpochRecord, NonFiniteLossError, TrainConfig, TrainLoop
 from stages.common import (EpochProgress, Silent, fail, log_mnist, mnist_on, model_argument,
                            open_run, plain, stage_main, warn)
 from stages.params import load_params_or_exit
 from stages.paths import RAW_DIR, RESUME_DIR, model_file, train_dir
 from stages.store import repo_root
+
+
+def checkpoint_for(stage: str, params: dict) -> Checkpoint:
+    """The stage's resume state, keyed by its params and the MNIST files, so that a state
+    resumes only the run that made it."""
+    return Checkpoint.keyed(repo_root() / RESUME_DIR, stage, params, RAW_DIR.iterdir())
+
+
+def epoch_metrics(record: EpochRecord) -> dict[str, float]:
+    return {"train_loss": record.train_loss, "heldout_loss": record.heldout_loss,
+            "images_per_s": record.images_per_s}
 
 
 @stage_main
@@ -36,8 +47,7 @@ def main() -> None:
     world, device = distributed.init(default_device())
     config = TrainConfig(**params["train"], seed=params["seed"], data_scale=params["data"]["scale"],
                          precision=resolve_precision(params["precision"], device))
-    # Keyed by the params and the MNIST files: a state resumes only the run that made it.
-    checkpoint = Checkpoint.keyed(repo_root() / RESUME_DIR, stage, params, RAW_DIR.iterdir())
+    checkpoint = checkpoint_for(stage, params)
     torch.manual_seed(config.seed)  # the network's initial weights
     loop = TrainLoop(make_network(params["net"]), make_process(params[model]), config, device,
                      train_dir(model), checkpoint=checkpoint, warn=warn)
@@ -63,8 +73,8 @@ def main() -> None:
     def report(record, grid: Path | None) -> None:
         progress.epoch_done(record.epoch, record.train_loss, record.heldout_loss,
                             record.images_per_s)
-        run.log_metrics({"train_loss": record.train_loss, "heldout_loss": record.heldout_loss,
-                         "images_per_s": record.images_per_s}, step=record.epoch)
+        if record.epoch < config.epochs:  # the last epoch's go to the logged model, below
+            run.log_metrics(epoch_metrics(record), step=record.epoch)
         if grid is not None:  # the UI's image slider: the same noise, epoch after epoch
             run.log_image(grid_image(loop.grids[record.epoch]).numpy(), key="samples",
                           step=record.epoch)
@@ -95,9 +105,8 @@ def main() -> None:
                         "precision": config.precision, "epochs_trained": state.epoch})
             run.log_artifact(path, "model_file")
             model_id = run.log_pytorch_model(load(path, device="cpu"), path, model)
-            last = state.log[-1]  # the logged model's own figures (its page's "Metrics")
-            run.log_metrics({"train_loss": last.train_loss, "heldout_loss": last.heldout_loss},
-                            step=last.epoch, model_id=model_id)
+            last = state.log[-1]  # also the logged model's own figures (its page's "Metrics")
+            run.log_metrics(epoch_metrics(last), step=last.epoch, model_id=model_id)
             run.log_artifact(loop.out_dir / "log.csv")
     if world.is_main:
         run.finish()

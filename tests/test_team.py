@@ -106,6 +106,7 @@ def team(tmp_path_factory, mnist_raw_dir, server):
     sh(a, "git", "push", "-q", "origin", "main")
     sh(a, "dvc", "push", "--run-cache")
     shutil.copy(a / "models/ddpm/model.pt", base / "first-ddpm.pt")
+    shutil.copy(a / "results/sweep/table.json", base / "first-table.json")
     return {"a": a, "storage": storage, "origin": origin, "uri": uri, "base": base}
 
 
@@ -140,20 +141,25 @@ def test_the_run_cache_restores_outputs_without_running_a_stage(team):
 
 def test_an_experiment_pushed_from_one_clone_shows_in_another(team):
     a = team["a"]
-    sh(a, "dvc", "exp", "run", "-n", "longer", "-S", "train.epochs=2", "-S", "sweep.steps=[10]",
-       env={**stage_env(), "MLFLOW_TRACKING_URI": team["uri"]})
-    sh(a, "dvc", "exp", "push", "origin", "longer")
+    # A sweep over fewer steps: only the sweep and the plots run again.
+    result = sh(a, "dvc", "exp", "run", "-n", "fewer-steps", "-S", "sweep.steps=[10]",
+                env={**stage_env(), "MLFLOW_TRACKING_URI": team["uri"]})
+    assert stages_run(result) == {"sweep", "plot"}
+    sh(a, "dvc", "exp", "push", "origin", "fewer-steps")
     d = clone(team, "d")
-    sh(d, "dvc", "exp", "pull", "origin", "longer")
+    sh(d, "dvc", "exp", "pull", "origin", "fewer-steps")
     shown = json.loads(sh(d, "dvc", "exp", "show", "--json").stdout)
     experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
-    [longer] = [exp for exp in experiments if exp.get("name") == "longer"]
-    params = longer["revs"][0]["data"]["params"]["params.yaml"]["data"]
-    assert params["train"]["epochs"] == 2
-    sh(d, "dvc", "exp", "apply", "longer")
+    [fewer] = [exp for exp in experiments if exp.get("name") == "fewer-steps"]
+    params = fewer["revs"][0]["data"]["params"]["params.yaml"]["data"]
+    assert params["sweep"]["steps"] == [10]
+    sh(d, "dvc", "exp", "apply", "fewer-steps")
     sh(d, "dvc", "pull")  # the experiment's outputs, from the DVC remote
     # A's workspace holds the experiment's results, as `dvc exp run` leaves them.
-    assert (d / "models/ddpm/model.pt").read_bytes() == (a / "models/ddpm/model.pt").read_bytes()
+    table = "results/sweep/table.json"
+    assert (d / table).read_bytes() == (a / table).read_bytes()
+    first = json.loads((team["base"] / "first-table.json").read_text())
+    assert json.loads((d / table).read_text()) != first
 
 
 def test_a_wrong_remote_fails_in_one_error_line(team):
