@@ -24,5 +24,8 @@ quick: install
 cpu-hour: install
 	$(PYTHON) -m tools.quick cpu-hour.yaml
 
+# The suite in TEST_WORKERS processes (pytest-xdist), one test file per process at a time: the
+# end-to-end tests spend most of their time starting Python, DVC and MLflow, one core each.
+TEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
