@@ -17,6 +17,7 @@ from diffusion.classifier import (
     save_classifier,
     train_classifier,
 )
+from diffusion.metrics import frechet_distance, inception_score
 from diffusion.mnist import load_mnist
 
 def random_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,3 +123,31 @@ def test_default_classifier_reaches_99_percent(
 ) -> None:
     test_images, test_labels = load_mnist(mnist_raw_dir, train=False)
     assert evaluate_accuracy(trained_classifier, test_images, test_labels) >= 0.99
+
+
+# ---------------- the metrics on the trained classifier's features ---------------------
+# Here rather than in test_metrics.py: under `make test` a test file runs in one process, and
+# the session's trained classifier is trained once per process.
+
+
+@pytest.mark.slow  # uses the trained classifier
+def test_fid_rises_monotonically_with_noise(trained_classifier: MnistClassifier, mnist_raw_dir: Path) -> None:
+    train_images, _ = load_mnist(mnist_raw_dir, train=True)
+    test_images, _ = load_mnist(mnist_raw_dir, train=False)
+    reference_feats, _ = embed(trained_classifier, test_images[:2000])
+    clean = train_images[:2000].float().unsqueeze(1) / 127.5 - 1
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    fids = []
+    for sigma in (0.0, 0.15, 0.3, 0.6, 1.0):
+        noisy = (clean + sigma * noise).clamp(-1, 1)
+        fids.append(frechet_distance(embed(trained_classifier, noisy)[0], reference_feats))
+    assert all(lower < higher for lower, higher in zip(fids, fids[1:])), fids
+
+
+@pytest.mark.slow  # uses the trained classifier
+def test_inception_score_of_real_test_set_is_high(
+    trained_classifier: MnistClassifier, mnist_raw_dir: Path
+) -> None:
+    test_images, _ = load_mnist(mnist_raw_dir, train=False)
+    _, probs = embed(trained_classifier, test_images)
+    assert 9.0 < inception_score(probs) <= 10.0

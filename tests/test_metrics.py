@@ -1,8 +1,7 @@
-"""Tests of diffusion.metrics on hand cases, synthetic Gaussians and (optionally) real MNIST."""
+"""Tests of diffusion.metrics on hand cases and synthetic Gaussians (on real MNIST features:
+test_classifier.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import scipy.linalg
 import torch
 
 from diffusion import metrics
-from diffusion.classifier import MnistClassifier, embed
 from diffusion.metrics import (
     class_balance,
     frechet_distance,
@@ -22,8 +20,6 @@ from diffusion.metrics import (
     quality_metrics,
     total_variation,
 )
-
-from diffusion.mnist import load_mnist
 
 
 
@@ -283,29 +279,3 @@ def test_quality_metrics_kid_subsets_are_at_most_half_the_smaller_set() -> None:
     expected = kernel_inception_distance(feats, ref_feats, subset_size=100, seed=5)
     assert (result["kid_mean"], result["kid_std"]) == expected
     assert result["kid_std"] > 0
-
-
-# ------------------------------ real MNIST features -------------------------------------
-
-
-@pytest.mark.slow  # uses the trained classifier
-def test_fid_rises_monotonically_with_noise(trained_classifier: MnistClassifier, mnist_raw_dir: Path) -> None:
-    train_images, _ = load_mnist(mnist_raw_dir, train=True)
-    test_images, _ = load_mnist(mnist_raw_dir, train=False)
-    reference_feats, _ = embed(trained_classifier, test_images[:2000])
-    clean = train_images[:2000].float().unsqueeze(1) / 127.5 - 1
-    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
-    fids = []
-    for sigma in (0.0, 0.15, 0.3, 0.6, 1.0):
-        noisy = (clean + sigma * noise).clamp(-1, 1)
-        fids.append(frechet_distance(embed(trained_classifier, noisy)[0], reference_feats))
-    assert all(lower < higher for lower, higher in zip(fids, fids[1:])), fids
-
-
-@pytest.mark.slow  # uses the trained classifier
-def test_inception_score_of_real_test_set_is_high(
-    trained_classifier: MnistClassifier, mnist_raw_dir: Path
-) -> None:
-    test_images, _ = load_mnist(mnist_raw_dir, train=False)
-    _, probs = embed(trained_classifier, test_images)
-    assert 9.0 < inception_score(probs) <= 10.0
