@@ -24,8 +24,8 @@ quick: install
 cpu-hour: install
 	$(PYTHON) -m tools.quick cpu-hour.yaml
 
-# The suite in TEST_WORKERS processes (pytest-xdist), one test file per process at a time: the
-# end-to-end tests spend most of their time starting Python, DVC and MLflow, one core each.
+# The suite in TEST_WORKERS processes (pytest-xdist), one test file per process at a time, so
+# that a file's module-wide fixtures (a tiny pipeline run, an MLflow server) are built once.
 TEST_WORKERS ?= 2
 test: install
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
