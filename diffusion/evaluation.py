@@ -19,7 +19,8 @@ import torch
 
 from diffusion.classifier import MnistClassifier, embed
 from diffusion.data import to_model_range
-from diffusion.metrics import HEADLINE_SCORES, SCORES, nearest_neighbours, psnr, quality_metrics
+from diffusion.metrics import (CONDITIONAL_ACCURACY, HEADLINE_SCORES, SCORES, conditional_accuracy,
+                               nearest_neighbours, psnr, quality_metrics)
 from diffusion.model import DiffusionModel
 from diffusion.process import NoiseProcess, timesteps_at
 from diffusion.sampling import sample, steps_within
@@ -47,12 +48,16 @@ class Reference:
         reference.floor = reference.score(train_images)
         return reference
 
-    def score(self, images: torch.Tensor) -> dict[str, float]:
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         """FID, KID, Inception Score, precision/recall and class balance of uint8 ``images``
-        against the test digits (``diffusion.metrics.quality_metrics``)."""
+        against the test digits (``diffusion.metrics.quality_metrics``), and for images asked
+        for digits ``labels``, the conditional accuracy."""
         features, probabilities = embed(self.classifier, images, self.batch_size)
-        return quality_metrics(features, probabilities, self.features, self.probabilities,
-                               seed=self.seed)
+        scores = quality_metrics(features, probabilities, self.features, self.probabilities,
+                                 seed=self.seed)
+        if labels is not None:
+            scores[CONDITIONAL_ACCURACY] = conditional_accuracy(probabilities, labels.cpu().numpy())
+        return scores
 
 
 @torch.no_grad()
@@ -73,10 +78,12 @@ def x0_psnr(model: DiffusionModel, images: torch.Tensor, t: int, *, seed: int,
 
 def evaluate_model(model: DiffusionModel, samples: torch.Tensor, reference: Reference,
                    test_images: torch.Tensor, *, psnr_fractions: Iterable[float], seed: int,
-                   batch_size: int = 1000) -> dict:
+                   batch_size: int = 1000, labels: torch.Tensor | None = None) -> dict:
     """The evaluate stage's metrics of one model: ``heldout_loss`` (Ho eq. 14, noise fixed by
     ``seed``) and ``psnr_t<t>`` on ``test_images``, at t = round(f n_T) for each fraction f
-    (at least 1), and ``quality`` of the uint8 ``samples`` with the ``floor`` beside it."""
+    (at least 1), and ``quality`` of the uint8 ``samples`` (asked for digits ``labels``, if
+    conditional) with the ``floor`` beside it. A conditional model's held-out loss is that of
+    its unconditional prediction (the test digits' labels are not used)."""
     test_images = test_images.to(model.device)
     metrics: dict = {
         "n_samples": int(samples.shape[0]),
@@ -86,7 +93,7 @@ def evaluate_model(model: DiffusionModel, samples: torch.Tensor, reference: Refe
     }
     for t in timesteps_at(psnr_fractions, model.process.n_T, lowest=1):
         metrics[f"psnr_t{t}"] = x0_psnr(model, test_images, t, seed=seed, batch_size=batch_size)
-    metrics["quality"] = reference.score(samples)
+    metrics["quality"] = reference.score(samples, labels)
     metrics["floor"] = reference.floor
     return metrics
 
@@ -97,9 +104,10 @@ def split_headline(metrics: dict) -> tuple[dict, dict]:
     fractions, PSNR per t), both keeping its layout."""
     headline: dict = {"n_samples": metrics["n_samples"], "heldout_loss": metrics["heldout_loss"]}
     detail: dict = {k: v for k, v in metrics.items() if k.startswith("psnr_t")}
+    kept = (*HEADLINE_SCORES, CONDITIONAL_ACCURACY)
     for group in ("quality", "floor"):
-        headline[group] = {k: v for k, v in metrics[group].items() if k in HEADLINE_SCORES}
-        detail[group] = {k: v for k, v in metrics[group].items() if k not in HEADLINE_SCORES}
+        headline[group] = {k: v for k, v in metrics[group].items() if k in kept}
+        detail[group] = {k: v for k, v in metrics[group].items() if k not in kept}
     return headline, detail
 
 

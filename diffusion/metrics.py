@@ -16,15 +16,9 @@ References:
     Class balance / total variation   fraction of samples per predicted digit and
                TV(p, q) = 1/2 sum |p - q|.
     Nearest neighbours   k-NN in feature space, for the memorisation check of the plot stage.
+    Conditional accuracy   of samples asked for a digit, the fraction the classifier reads as it.
 
-Defaults of ``quality_metrics``: KID uses ``# What ``quality_metrics`` returns besides n_samples: SCORES, one number each, and the fraction
-# of samples per predicted digit. HEADLINE_SCORES are those a reader compares first (the
-# evaluate stage's metrics.json, MLflow); kid_std and the fractions are detail.
-SCORES = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "class_tv")
-HEADLINE_SCORES = tuple(score for score in SCORES if score != "kid_std")
-CLASS_FRACTIONS = tuple(f"class_fraction_{digit}" for digit in range(10))
-
-KID_SUBSETS = 100`` random subsets of
+Defaults of ``quality_metrics``: KID uses ``KID_SUBSETS = 100`` random subsets of
 ``min(KID_SUBSET_SIZE = 1000, min(n_fake, n_reference) // 2)`` samples per set (at least 2);
 precision/recall use ``k = PR_K = 3`` nearest neighbours, as recommended by Kynkäänniemi et al.
 """
@@ -39,6 +33,7 @@ import torch
 # evaluate stage's metrics.json, MLflow); kid_std and the fractions are detail.
 SCORES = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "class_tv")
 HEADLINE_SCORES = tuple(score for score in SCORES if score != "kid_std")
+CONDITIONAL_ACCURACY = "conditional_accuracy"  # a headline score too, of requested digits only
 CLASS_FRACTIONS = tuple(f"class_fraction_{digit}" for digit in range(10))
 
 KID_SUBSETS = 100
@@ -280,6 +275,17 @@ def class_balance(probs: ArrayLike) -> np.ndarray:
         raise ValueError("probs is empty; at least 1 sample is required")
     predicted = probs.argmax(axis=1)
     return np.bincount(predicted, minlength=probs.shape[1]).astype(np.float64) / probs.shape[0]
+
+
+def conditional_accuracy(probs: ArrayLike, labels: ArrayLike) -> float:
+    """The fraction of samples whose predicted class (argmax of each row) is the digit they were
+    asked for, ``labels`` (N,)."""
+    probs = _as_numpy64(probs, "probs")
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != probs.shape[0] or probs.shape[0] < 1:
+        raise ValueError(f"conditional_accuracy: {probs.shape[0]} samples but {labels.shape[0]} "
+                         "labels; give one label per sample")
+    return float((probs.argmax(axis=1) == labels).mean())
 
 
 def total_variation(p: ArrayLike, q: ArrayLike) -> float:

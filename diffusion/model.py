@@ -11,6 +11,7 @@ reads the weights-only copy logged next to it instead, without unpickling code.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,9 +19,9 @@ from torch import nn
 
 from diffusion.data import default_device, to_model_range, to_uint8
 from diffusion.io import load_torch, save_torch
-from diffusion.network import autocast, make_network, resolve_precision
+from diffusion.network import NO_LABEL, make_network, resolve_precision
 from diffusion.process import NoiseProcess, make_process
-from diffusion.sampling import sample
+from diffusion.sampling import predict, sample
 
 
 def save_model(path: Path | str, net: nn.Module, ema: nn.Module, process: NoiseProcess,
@@ -41,6 +42,7 @@ class DiffusionModel(nn.Module):
     ``forward(x_t, t)`` is the network's noise estimate eps_theta(x_t, t), computed in
     ``precision`` ("auto", "bf16" or "fp32"; see ``diffusion.network.resolve_precision``).
     The process is a submodule: ``.to(device)`` moves its schedules with the weights.
+    A class-conditional model (``classes`` = 10) takes a ``digit`` and a guidance weight.
     """
 
     def __init__(self, net: nn.Module, process: NoiseProcess, config: dict | None = None,
@@ -58,6 +60,30 @@ class DiffusionModel(nn.Module):
         """The device the network's weights are on."""
         return next(self.net.parameters()).device
 
+    @property
+    def classes(self) -> int:
+        """10 for a model conditioned on the digit, 0 for an unconditional one."""
+        return getattr(self.net, "classes", 0)
+
+    def labels(self, digit: int | Sequence[int] | None, n: int,
+               guidance: float = 0.0) -> torch.Tensor | None:
+        """The label of each of ``n`` images: ``digit`` for all, a list of digits in turn (equal
+        numbers), or None (unconditional); ValueError (one line) for what this model cannot do."""
+        if guidance < 0:
+            raise ValueError(f"guidance = {guidance!r} is not allowed: must be a number >= 0")
+        if digit is None:
+            if guidance > 0:
+                raise ValueError(f"guidance = {guidance!r} needs a digit: give digit=0..9")
+            return None
+        if not self.classes:
+            raise ValueError(f"digit = {digit!r} is not allowed: this model is unconditional "
+                             "(trained with net.classes = 0); train with net.classes = 10")
+        digits = [digit] if isinstance(digit, int) else list(digit)
+        if not digits or any(not isinstance(d, int) or not 0 <= d < self.classes for d in digits):
+            raise ValueError(f"digit = {digit!r} is not allowed: must be a digit 0..{self.classes - 1} "
+                             "or a non-empty list of them")
+        return torch.tensor(digits, device=self.device).repeat(n // len(digits) + 1)[:n]
+
     def _timesteps(self, t: int | torch.Tensor, n: int) -> torch.Tensor:
         """``t`` as a long tensor (n,) on the model's device, checked against 0..n_T."""
         t = torch.as_tensor(t, device=self.device).long().expand(n)
@@ -66,34 +92,44 @@ class DiffusionModel(nn.Module):
                              f"must be between 0 and n_T = {self.process.n_T}")
         return t
 
-    def forward(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: int | torch.Tensor, digit: int | None = None,
+                guidance: float = 0.0) -> torch.Tensor:
         """eps_theta(x_t, t): the noise estimate, float (N, 1, 28, 28), whatever the network's
-        target (``NoiseProcess.eps_and_x0``)."""
-        return self._estimates(x_t, t)[0]
+        target (``NoiseProcess.eps_and_x0``); of a conditional model, for ``digit`` (None or
+        -1: unconditional) with classifier-free ``guidance``."""
+        return self._estimates(x_t, t, digit, guidance)[0]
 
-    def _estimates(self, x_t: torch.Tensor, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _estimates(self, x_t: torch.Tensor, t: int | torch.Tensor, digit: int | None = None,
+                   guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_hat, x0_hat) at (x_t, t), from the network's prediction of its target."""
         t = self._timesteps(t, x_t.shape[0])
         x_t = x_t.to(self.device, torch.float32)
-        with autocast(self.device, self.precision):
-            prediction = self.net(x_t, t.float() / self.process.n_T)
-        return self.process.eps_and_x0(x_t, t, prediction.float())
+        digit = None if digit == NO_LABEL else digit
+        labels = self.labels(digit, x_t.shape[0], guidance)
+        prediction = predict(self.net, x_t, t.float() / self.process.n_T, labels, guidance,
+                             self.precision)
+        return self.process.eps_and_x0(x_t, t, prediction)
 
     @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, sampler: str = "ancestral",
                eta: float = 1.0, seed: int = 0, batch_size: int | None = None,
-               clip_x0: bool = False, prior: str = "exact") -> torch.Tensor:
+               clip_x0: bool = False, prior: str = "exact",
+               digit: int | Sequence[int] | None = None, guidance: float = 0.0) -> torch.Tensor:
         """``n`` generated digits as uint8 (n, 28, 28) on the CPU, reproducible from ``seed``.
 
         ``sampler`` is "ancestral" (Ho et al. 2020, Algorithm 2) or "ddim" (Song et al. 2021,
         eq. 12, with ``eta``); ``steps`` (default n_T) evenly spaced timesteps are used;
         ``clip_x0`` clips the x0 estimate of every step to the data range and ``prior`` picks the
-        start (``diffusion.sampling.sample``).
+        start (``diffusion.sampling.sample``). A conditional model draws ``digit`` (one digit,
+        or a list taken in turn), with classifier-free ``guidance`` w >= 0:
+        ``model.sample(20, digit=7, guidance=2.0)``.
         """
+        labels = self.labels(digit, n, guidance)
         generator = torch.Generator(self.device).manual_seed(seed)
         x = sample(self.net, self.process, n, steps=steps, sampler=sampler, eta=eta,
                    device=self.device, generator=generator, batch_size=batch_size,
-                   precision=self.precision, clip_x0=clip_x0, data_scale=self.scale, prior=prior)
+                   precision=self.precision, clip_x0=clip_x0, data_scale=self.scale, prior=prior,
+                   labels=labels, guidance=guidance)
         return to_uint8(x, self.scale).cpu()
 
     @torch.no_grad()

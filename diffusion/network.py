@@ -10,6 +10,12 @@
   it): two resolutions (28 and 14), residual blocks with GroupNorm whose every block adds the
   time embedding, self-attention at the lower resolution, skip connections across.
 
+Either network can be class-conditional (``classes`` = 10, params.yaml's ``net.classes``): a
+learned embedding of the digit is added to the time embedding, where the timestep enters. The
+label ``NO_LABEL`` (-1) has an embedding of its own, the unconditional model of classifier-free
+guidance (Ho and Salimans 2022), trained on the labels dropped with probability
+``train.label_drop``.
+
 The networks know nothing of the noise process; ``make_network`` builds one from params.yaml's
 ``net`` section.
 """
@@ -22,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.options import ACTIVATIONS, NETWORKS, PRECISIONS
+from diffusion.options import ACTIVATIONS, CLASSES, NETWORKS, PRECISIONS
+
 ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 assert tuple(ACTIVATION_MODULES) == ACTIVATIONS
 # torch.cpu.get_capabilities() keys of instructions that compute bf16 products natively:
@@ -99,11 +106,42 @@ class TimeEncoding(nn.Module):
         return self.mlp(torch.cat([phases.sin(), phases.cos() - 1.0], dim=1))
 
 
+NO_LABEL = -1  # a conditional network's "no digit": the unconditional prediction
+
+
+class LabelEmbedding(nn.Module):
+    """A learned vector per digit and one more for ``NO_LABEL``, added to the time embedding.
+
+    It starts at zero, so a conditional network starts as the unconditional one. A network with
+    ``classes`` = 0 has none and accepts no labels.
+    """
+
+    def __init__(self, classes: int, width: int) -> None:
+        super().__init__()
+        self.classes = classes
+        self.table = nn.Embedding(classes + 1, width) if classes else None
+        if self.table is not None:
+            nn.init.zeros_(self.table.weight)
+
+    def forward(self, embedding: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """``embedding`` plus the labels' vectors; ``labels`` None means NO_LABEL for all."""
+        if self.table is None:
+            if labels is not None:
+                raise ValueError("this network is unconditional (net.classes = 0): it takes no labels")
+            return embedding
+        if labels is None:
+            labels = torch.full(embedding.shape[:1], NO_LABEL, device=embedding.device)
+        # No range check here (it would make the device wait every step): callers check digits.
+        index = torch.where(labels == NO_LABEL, self.classes, labels.long())
+        return embedding + self.table(index).to(embedding.dtype)
+
+
 class DenoiserCNN(nn.Module):
     """eps_theta(x_t, t) for 1x28x28 images; ``t`` is the timestep divided by n_T."""
 
     def __init__(self, hidden: tuple[int, ...] = (16, 32, 32, 16), activation: str = "gelu",
-                 in_channels: int = 1, image_shape: tuple[int, int] = (28, 28)) -> None:
+                 in_channels: int = 1, image_shape: tuple[int, int] = (28, 28),
+                 classes: int = 0) -> None:
         super().__init__()
         if not hidden:
             raise ValueError("hidden must list at least one channel count")
@@ -114,9 +152,12 @@ class DenoiserCNN(nn.Module):
         )
         self.head = nn.Conv2d(hidden[-1], in_channels, 3, padding=1)
         self.time_encoding = TimeEncoding(hidden[0], act)
+        self.classes, self.label = classes, LabelEmbedding(classes, hidden[0])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = self.blocks[0](x) + self.time_encoding(t)[:, :, None, None]
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        embedding = self.label(self.time_encoding(t), labels)
+        h = self.blocks[0](x) + embedding[:, :, None, None]
         for block in self.blocks[1:]:
             h = block(h)
         return self.head(h)
@@ -174,12 +215,13 @@ class UNet(nn.Module):
     """
 
     def __init__(self, channels: tuple[int, ...], blocks: int, attention: bool, activation: str,
-                 in_channels: int = 1) -> None:
+                 in_channels: int = 1, classes: int = 0) -> None:
         super().__init__()
         if not 2 <= len(channels) <= 3:
             raise ValueError(f"channels must give two or three widths (28, 14[, 7]), got {channels}")
         act, embedding = ACTIVATION_MODULES[activation], 4 * channels[0]
         self.time_encoding = TimeEncoding(embedding, act, width=embedding)
+        self.classes, self.label = classes, LabelEmbedding(classes, embedding)
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         width = channels[0]
@@ -206,8 +248,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time_encoding(t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.label(self.time_encoding(t), labels)
         h = self.stem(x)
         skips = []
         for level, blocks in enumerate(self.down):
@@ -230,11 +273,15 @@ class UNet(nn.Module):
 def make_network(config: dict) -> nn.Module:
     """The network of params.yaml's ``net`` section (or a model file's copy of it): ``kind``
     ``cnn`` uses ``hidden`` and ``activation``; ``unet`` uses ``channels``, ``blocks``,
-    ``attention`` and ``activation``. A section without ``kind`` is the seed's CNN."""
-    kind = config.get("kind", "cnn")
+    ``attention`` and ``activation``; ``classes`` (default 0, unconditional) is either's. A
+    section without ``kind`` is the seed's CNN."""
+    kind, classes = config.get("kind", "cnn"), config.get("classes", 0)
+    if classes not in CLASSES:
+        raise ValueError(f"classes = {classes!r} is not allowed: must be one of "
+                         f"{', '.join(map(str, CLASSES))}")
     if kind == "cnn":
-        return DenoiserCNN(tuple(config["hidden"]), config["activation"])
+        return DenoiserCNN(tuple(config["hidden"]), config["activation"], classes=classes)
     if kind == "unet":
         return UNet(tuple(config["channels"]), config["blocks"], config["attention"],
-                    config["activation"])
+                    config["activation"], classes=classes)
     raise ValueError(f"unknown network {kind!r}: allowed are {', '.join(map(repr, NETWORKS))}")

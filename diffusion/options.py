@@ -7,6 +7,7 @@ against them without importing torch or any of those modules.
 """
 
 NETWORKS = ("cnn", "unet")
+CLASSES = (0, 10)                   # net.classes: unconditional, or conditioned on the digit
 ACTIVATIONS = ("gelu", "relu", "silu")
 PRECISIONS = ("auto", "bf16", "fp32")
 GAUSSIAN, GAMMA = "gaussian", "gamma"

@@ -285,6 +285,29 @@ class GammaProcess(NoiseProcess):
         return {**super().config(), "theta_0": self.theta_0}
 
 
+def guided(conditional: torch.Tensor, unconditional: torch.Tensor, weight: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho and Salimans 2022, eq. 6) on the network's target:
+    (1 + w) f(x_t, t, c) - w f(x_t, t, no label), with f the network's prediction (eps, x0 or v)
+    and w = ``weight`` >= 0; w = 0 is the plain conditional prediction.
+
+    Every target is an affine function of eps at fixed (x_t, t), the same for both predictions
+    (x0 = (x_t - s eps) / a and v = (eps - s x_t) / a, as a^2 + s^2 = 1), and the mix's weights
+    sum to 1, so mixing the targets and then converting once (``NoiseProcess.eps_and_x0``)
+    gives the same eps_hat as mixing eps_hat: the guidance is the same for every target.
+
+    Under Gaussian noise, -eps_hat / s estimates the score of x_t, and the mix is the score of
+    p(x_t | c) p(c | x_t)^w: sampling leans towards images the implicit classifier finds typical
+    of c. Under Gamma noise eps_hat is still the conditional mean E[eps | x_t, c] (the loss is a
+    squared error), but the score of x_t is no longer -E[eps | x_t] / s (Tweedie's formula needs
+    Gaussian noise), so the mix is an extrapolation of conditional means away from the
+    unconditional one, not an exact tilt of the distribution; w = 0 stays exactly the
+    conditional model.
+    """
+    if weight == 0:
+        return conditional
+    return conditional + weight * (conditional - unconditional)
+
+
 def make_process(config: dict) -> NoiseProcess:
     """Build a process from a params.yaml model section or ``NoiseProcess.config()`` output:
     ``{"noise": "gaussian" | "gamma", "schedule": "linear" | "cosine", "target": "eps" | "x0" |

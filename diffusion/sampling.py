@@ -26,6 +26,10 @@ sqrt(1 - alpha_bar_t) and q = a + b / sqrt(1 - alpha_bar_t). With x0_hat clipped
 range [-1, 1] first, this is the posterior mean of Ho et al. (eq. 7) at the clipped estimate for
 the ancestral sampler (improved-diffusion's ``clip_denoised``) and DDIM with eps re-derived from
 the clipped estimate (diffusers' ``clip_sample``). Unclipped, it is the same update.
+
+Conditional sampling (``labels``) changes only eps_theta: the network's prediction for the
+requested digits, or with guidance w > 0 the classifier-free mix of the conditional and
+unconditional predictions (``diffusion.process.guided``), in one batch of twice the size.
 """
 
 from __future__ import annotations
@@ -36,10 +40,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffusion.network import autocast
+from diffusion.network import NO_LABEL, autocast
 from diffusion.options import PRIORS, SAMPLERS
-from diffusion.process import NoiseProcess
-
+from diffusion.process import NoiseProcess, guided
 
 
 def timestep_sequence(n_T: int, steps: int) -> list[int]:
@@ -100,6 +103,21 @@ def plan(process: NoiseProcess, steps: int, sampler: str = "ancestral", eta: flo
     return SamplerPlan(current.tolist(), previous.tolist(), a, b, c, ab_t.sqrt(), (1.0 - ab_t).sqrt())
 
 
+def predict(net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+            guidance: float = 0.0, precision: str = "auto") -> torch.Tensor:
+    """The network's prediction of its target at (x, t), float32: unconditional when ``labels``
+    is None, else for those digits, guided with weight ``guidance`` (``process.guided``)."""
+    with autocast(x.device, precision):  # x and the mix stay float32
+        if labels is None:
+            return net(x, t).float()
+        if guidance == 0:
+            return net(x, t, labels).float()
+        both = net(torch.cat([x, x]), torch.cat([t, t]),
+                   torch.cat([labels, torch.full_like(labels, NO_LABEL)])).float()
+    conditional, unconditional = both.chunk(2)
+    return guided(conditional, unconditional, guidance)
+
+
 @torch.no_grad()
 def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None = None,
            sampler: str = "ancestral", eta: float = 1.0, device: torch.device | str = "cpu",
@@ -107,7 +125,8 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
            x_T: torch.Tensor | None = None,
            callback: Callable[[int, torch.Tensor], None] | None = None,
            precision: str = "auto", clip_x0: bool = False, data_scale: float = 1.0,
-           prior: str = "exact") -> torch.Tensor:
+           prior: str = "exact", labels: torch.Tensor | None = None,
+           guidance: float = 0.0) -> torch.Tensor:
     """Draw ``n`` images in [-1, 1]-ish float32 (N, 1, 28, 28) from ``net`` under ``process``.
 
     ``x_T`` fixes the starting noise (else drawn from ``process.prior``); ``callback(t, x)`` sees the
@@ -117,10 +136,13 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
     ``clip_x0`` clips each step's x0 estimate to the data range [-data_scale, data_scale] (see the
     module doc). ``prior`` is where sampling starts: ``exact``, the forward marginal at T,
     sqrt(1 - alpha_bar_T) eps_T (``NoiseProcess.prior``), or ``unit``, eps_T itself (N(0, I) for
-    DDPM, as Ho et al.'s Algorithm 2 starts).
+    DDPM, as Ho et al.'s Algorithm 2 starts). ``labels`` (n digits, for a conditional network)
+    asks for one digit per image, with classifier-free ``guidance`` w >= 0 (``predict``).
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown prior {prior!r}: allowed are {', '.join(map(repr, PRIORS))}")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"labels: {len(labels)} given for n = {n} images; give one per image")
     device = torch.device(device)
     process.to(device)
     run = plan(process, steps or process.n_T, sampler, eta)
@@ -134,6 +156,7 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         shape = (size, 1, 28, 28)
+        chunk_labels = None if labels is None else labels[start:start + size].to(device)
         if x_T is not None:
             x = x_T[start:start + size].to(device)
         elif prior == "exact":
@@ -143,8 +166,8 @@ def sample(net: nn.Module, process: NoiseProcess, n: int, *, steps: int | None =
                               generator=generator)
         for i, (t, t_prev) in enumerate(zip(run.timesteps, run.previous)):
             t_batch = torch.full((size,), t, device=device, dtype=torch.long)
-            with autocast(device, precision):  # x, a, b, c and the noise stay float32
-                prediction = net(x, t_batch.float() / process.n_T).float()
+            prediction = predict(net, x, t_batch.float() / process.n_T, chunk_labels, guidance,
+                                 precision)  # x, a, b, c and the noise stay float32
             eps, x0_hat = process.eps_and_x0(x, t_batch, prediction)  # from the net's target
             if clip_x0:
                 x = p[i] * x0_hat.clamp(-data_scale, data_scale) + q[i] * x

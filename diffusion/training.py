@@ -12,6 +12,11 @@ each epoch's permutation, and each epoch's t and noise come from a generator see
 (seed, epoch, rank), so on the CPU the same inputs give bit-identical weights, and a run resumed
 after any epoch continues exactly.
 
+A class-conditional network (``net.classes`` = 10) is trained on each image's digit, replaced
+by ``NO_LABEL`` with probability ``label_drop`` (``drop_labels``), so that one network learns
+the conditional and the unconditional prediction that classifier-free guidance mixes (Ho and
+Salimans 2022, Algorithm 1).
+
 Mixed precision: ``TrainConfig.precision`` "auto" runs the network under bf16 autocast where the
 device multiplies bf16 natively (CUDA, CPUs with AMX-BF16 or AVX512-BF16) and in float32
 elsewhere; "bf16" and "fp32" force one or the other. Only the network's arithmetic is affected: x_t, the noise (the Gamma draw is float64, see process.py) and the loss
@@ -49,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from diffusion import distributed
 from diffusion.data import save_grid, to_model_range, to_uint8
 from diffusion.io import ModelFileError, atomic_path, load_torch, save_torch
-from diffusion.network import autocast
+from diffusion.network import NO_LABEL, autocast
 from diffusion.options import LR_SCHEDULES
 from diffusion.process import NoiseProcess
 from diffusion.sampling import sample
@@ -69,6 +74,7 @@ class TrainConfig:
     lr_floor: float           # cosine/linear: the lr at the last step, as a fraction of lr
     min_snr_gamma: float      # min-SNR-gamma loss weights (Hang et al. 2023); 0: plain MSE
     ema_warmup: float         # K of the EMA warm-up min(decay, (1 + step) / (K + step))
+    label_drop: float         # conditional networks: the probability a label is dropped
     grad_clip: float          # clip the gradient's global L2 norm to this (0: no clipping)
     grid_every: int           # TrainLoop: a sample grid every N epochs, and after the last
     grid_size: int            # TrainLoop: digits per grid
@@ -185,15 +191,26 @@ def noise_generator(device: torch.device, seed: int, epoch: int, rank: int) -> t
     return torch.Generator(device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
 
 
+def drop_labels(labels: torch.Tensor, probability: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``labels`` with each replaced by ``NO_LABEL`` with ``probability`` (Ho and Salimans 2022,
+    Algorithm 1: p_uncond), drawn from ``generator``."""
+    if probability <= 0:
+        return labels
+    dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < probability
+    return torch.where(dropped, torch.full_like(labels, NO_LABEL), labels)
+
+
 def denoising_loss(net: nn.Module, process: NoiseProcess, x0: torch.Tensor, t: torch.Tensor,
                    eps: torch.Tensor, precision: str = "auto",
-                   min_snr_gamma: float = 0.0) -> torch.Tensor:
+                   min_snr_gamma: float = 0.0, labels: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between the network's prediction at x_t and the process's target: eps (Ho eq. 14),
     x0 or v; each image's error weighted by ``process.min_snr_weight(t, min_snr_gamma)`` when
-    ``min_snr_gamma`` > 0 (else alike)."""
+    ``min_snr_gamma`` > 0 (else alike). ``labels``: the digits of a conditional network."""
     x_t = process.q_sample(x0, t, eps)
     with autocast(x0.device, precision):
-        prediction = net(x_t, t.float() / process.n_T)
+        prediction = (net(x_t, t.float() / process.n_T) if labels is None
+                      else net(x_t, t.float() / process.n_T, labels))
     error = (prediction.float() - process.training_target(x0, eps, t)) ** 2
     if min_snr_gamma <= 0:
         return error.mean()
@@ -203,8 +220,10 @@ def denoising_loss(net: nn.Module, process: NoiseProcess, x0: torch.Tensor, t: t
 
 @torch.no_grad()
 def heldout_loss(net: nn.Module, process: NoiseProcess, images: torch.Tensor, *, seed: int,
-                 batch_size: int = 1000, precision: str = "auto", scale: float = 1.0) -> float:
-    """Mean denoising loss on ``images`` (uint8, on the device) with noise fixed by ``seed``.
+                 batch_size: int = 1000, precision: str = "auto", scale: float = 1.0,
+                 labels: torch.Tensor | None = None) -> float:
+    """Mean denoising loss on ``images`` (uint8, on the device) with noise fixed by ``seed``;
+    a conditional network is given their ``labels`` (none dropped).
 
     The same t and eps every call, so values from successive epochs are comparable.
     """
@@ -218,7 +237,9 @@ def heldout_loss(net: nn.Module, process: NoiseProcess, images: torch.Tensor, *,
         x0 = to_model_range(images[start:start + batch_size], scale)
         t = torch.randint(1, process.n_T + 1, (x0.shape[0],), device=device, generator=generator)
         eps = process.noise(t, x0.shape, generator=generator)
-        total += denoising_loss(net, process, x0, t, eps, precision) * x0.shape[0]
+        batch_labels = None if labels is None else labels[start:start + batch_size]
+        total += denoising_loss(net, process, x0, t, eps, precision,
+                                labels=batch_labels) * x0.shape[0]
     net.train(was_training)
     return total.item() / images.shape[0]
 
@@ -236,10 +257,13 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
           test_images: torch.Tensor, config: TrainConfig, *,
           on_epoch: Callable[[TrainState, EpochRecord], None] | None = None,
           on_checkpoint: Callable[[TrainState], None] | None = None,
-          progress: Callable[[int, int], None] | None = None) -> TrainState:
+          progress: Callable[[int, int], None] | None = None,
+          train_labels: torch.Tensor | None = None,
+          test_labels: torch.Tensor | None = None) -> TrainState:
     """Train ``state`` to ``config.epochs`` epochs, continuing from ``state.epoch``.
 
-    ``train_images`` and ``test_images`` are uint8 (N, 28, 28) tensors already on the device.
+    ``train_images`` and ``test_images`` are uint8 (N, 28, 28) tensors already on the device,
+    with their digits ``train_labels`` and ``test_labels`` for a conditional network (else None).
     After each epoch ``on_epoch(state, record)`` runs (grids, logging), then
     ``on_checkpoint(state)``, which should save ``state.state_dict()`` so a killed run can resume.
     ``progress(step_in_epoch, steps_per_epoch)`` is called every step for progress bars.
@@ -256,6 +280,9 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
     per_rank = math.ceil(n / world.world_size)
     steps_per_epoch = math.ceil(per_rank / config.batch_size)
     holdout = test_images[:config.holdout_subset] if config.holdout_subset else test_images
+    # Labels as int64: NO_LABEL (-1) does not fit MNIST's uint8 labels.
+    holdout_labels = None if test_labels is None else test_labels[:holdout.shape[0]].long()
+    train_labels = None if train_labels is None else train_labels.long()
     total_steps = config.epochs * steps_per_epoch  # the length the lr schedule is fitted to
     model = state.net
     if world.parallel:
@@ -282,8 +309,10 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
             t = torch.randint(1, process.n_T + 1, (x0.shape[0],), device=device,
                               generator=generator)
             eps = process.noise(t, x0.shape, generator=generator)
+            labels = (None if train_labels is None else
+                      drop_labels(train_labels[index], config.label_drop, generator))
             loss = denoising_loss(model, process, x0, t, eps, config.precision,
-                                  config.min_snr_gamma)
+                                  config.min_snr_gamma, labels)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:  # the global norm, computed on the device: no host sync
@@ -309,7 +338,8 @@ def train(state: TrainState, process: NoiseProcess, train_images: torch.Tensor,
         train_seconds = time.perf_counter() - started
         images_seen = per_rank * world.world_size
         heldout = (heldout_loss(state.ema, process, holdout, seed=config.seed + 1,
-                                precision=config.precision, scale=config.data_scale)
+                                precision=config.precision, scale=config.data_scale,
+                                labels=holdout_labels)
                    if world.is_main else 0.0)
         if world.parallel:  # rank 0's value, so every process keeps the same log
             heldout = distributed.all_reduce_sum(
@@ -434,6 +464,9 @@ class TrainLoop:
         self.extra: dict = dict(saved.get("extra", {}))
         generator = torch.Generator(device).manual_seed(config.seed + GRID_SEED_OFFSET)
         self.grid_noise = process.prior((config.grid_size, 1, 28, 28), generator=generator)
+        classes = getattr(net, "classes", 0)  # a conditional network's grid: 0, 1, ..., 9, 0, ...
+        self.grid_labels = (torch.arange(config.grid_size, device=device) % classes
+                            if classes else None)
 
     def grid_path(self, epoch: int) -> Path:
         return self.out_dir / "grids" / f"epoch_{epoch:03d}.png"
@@ -442,13 +475,17 @@ class TrainLoop:
         """The EMA weights' digits from the fixed grid noise, uint8 on the CPU."""
         generator = torch.Generator(self.device).manual_seed(self.config.seed + GRID_SEED_OFFSET + 1)
         x = sample(self.state.ema, self.process, self.grid_noise.shape[0], device=self.device,
-                   generator=generator, x_T=self.grid_noise, precision=self.config.precision)
+                   generator=generator, x_T=self.grid_noise, precision=self.config.precision,
+                   labels=self.grid_labels)
         return to_uint8(x, self.config.data_scale).cpu()
 
     def run(self, train_images: torch.Tensor, test_images: torch.Tensor, *,
-            report: Callable[[EpochRecord, Path | None], None] | None = None) -> TrainState:
-        """Train to ``config.epochs``; ``report(record, grid file or None)`` runs after each
-        epoch's files are written and before its state is saved."""
+            report: Callable[[EpochRecord, Path | None], None] | None = None,
+            train_labels: torch.Tensor | None = None,
+            test_labels: torch.Tensor | None = None) -> TrainState:
+        """Train to ``config.epochs`` (labels: for a conditional network, as in ``train``);
+        ``report(record, grid file or None)`` runs after each epoch's files are written and
+        before its state is saved."""
         if distributed.world().is_main:
             for epoch, images in self.grids.items():
                 save_grid(images, self.grid_path(epoch))
@@ -470,4 +507,5 @@ class TrainLoop:
                                      grids={str(k): v for k, v in self.grids.items()})
 
         return train(self.state, self.process, train_images, test_images, self.config,
-                     on_epoch=epoch_done, on_checkpoint=save_state)
+                     on_epoch=epoch_done, on_checkpoint=save_state, train_labels=train_labels,
+                     test_labels=test_labels)

@@ -8,7 +8,9 @@ random subset fixed by ``seed`` when fewer than all 10000) and the first as many
 - ``quality``: FID, KID, classifier Inception Score, precision/recall and class balance of the
   samples against the test set, on the features of the stage ``classifier``'s network;
 - ``floor``: the same metrics for as many real training images against the test set, i.e. what
-  a perfect model would score with this sample count (FID depends on it: it is recorded too).
+  a perfect model would score with this sample count (FID depends on it: it is recorded too);
+- ``conditional_accuracy`` (conditional models): the fraction of samples the classifier reads
+  as the digit they were asked for (``results/sample/<model>/labels.npy``).
 The model runs in ``precision`` (the classifier in float32, so scores compare across machines).
 
 ``results/evaluate/<model>/metrics.json`` (DVC metrics) holds the headline figures: the held-out
@@ -31,7 +33,8 @@ from diffusion.network import resolve_precision
 from stages.common import (fail, load_or_exit, log_mnist, mnist_reference, model_argument,
                            mlflow_scores, open_run, plain, samples_or_exit, stage_main)
 from stages.params import load_params_or_exit
-from stages.paths import CLASSIFIER_FILE, evaluate_dir, model_file, sample_dir, samples_file
+from stages.paths import (CLASSIFIER_FILE, evaluate_dir, labels_file, model_file, sample_dir,
+                          samples_file)
 
 
 @stage_main
@@ -48,6 +51,12 @@ def main() -> None:
              status=2)
     model = load_or_exit(load, model_file(model_name), precision=params["precision"])
     precision = resolve_precision(model.precision, model.device)
+    labels = None
+    if model.classes:
+        if not labels_file(model_name).is_file():
+            fail(f"{labels_file(model_name)} is missing: the samples of a conditional model need "
+                 f"their digits; re-create them with `dvc repro --force sample@{model_name}`")
+        labels = torch.from_numpy(np.load(labels_file(model_name), allow_pickle=False)[:n])
     classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, model.device)
     run = open_run(stage, model_name, parent_model_file=model_file(model_name))
     run.log_params({"seed": seed, "evaluate": settings, "precision": params["precision"],
@@ -61,7 +70,7 @@ def main() -> None:
     with run.system_metrics():
         metrics = evaluate_model(model, fake, reference, test_images,
                                  psnr_fractions=settings["psnr_t"], seed=seed,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, labels=labels)
 
     headline, detail = split_headline(metrics)
     out_dir = evaluate_dir(model_name)
@@ -85,8 +94,10 @@ def main() -> None:
     run.log_artifact(out_dir / "metrics.json")
     run.log_artifact(out_dir / "detail.json")
     run.finish()
+    accuracy = (f", conditional accuracy {metrics['quality']['conditional_accuracy']:.3f}"
+                if labels is not None else "")
     print(f"{stage}: held-out loss {metrics['heldout_loss']:.4f}, FID {metrics['quality']['fid']:.2f} "
-          f"(floor {metrics['floor']['fid']:.2f}) on {n} samples")
+          f"(floor {metrics['floor']['fid']:.2f}){accuracy} on {n} samples")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from diffusion.mnist import N_TEST, N_TRAIN
-from diffusion.options import (ACTIVATIONS, GAMMA, GAUSSIAN, LR_SCHEDULES, NETWORKS, PRECISIONS,
-                               PRIORS, SAMPLERS, SCHEDULES, TARGETS)
+from diffusion.options import (ACTIVATIONS, CLASSES, GAMMA, GAUSSIAN, LR_SCHEDULES, NETWORKS,
+                               PRECISIONS, PRIORS, SAMPLERS, SCHEDULES, TARGETS)
 
 PARAMS_FILE = "params.yaml"
 MIN_METRIC_SAMPLES = 4    # precision/recall with k = 3 needs > k; FID needs >= 2
@@ -126,6 +126,20 @@ def _multiples_of_8(widths: list[int]) -> list[int]:
     return widths
 
 
+def _one_of(allowed: tuple) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value not in allowed:
+            raise ValueError("not allowed")
+        return value
+    return check
+
+
+def _distinct_digits(digits: list[int]) -> list[int]:
+    if len(set(digits)) != len(digits):
+        raise ValueError("repeated")
+    return digits
+
+
 class Net(Section):
     """``kind`` picks the network; ``hidden`` is the CNN's, ``channels``, ``blocks`` and
     ``attention`` the U-Net's; ``activation`` is both's."""
@@ -138,6 +152,8 @@ class Net(Section):
     blocks: Int(1, 8)
     attention: bool
     activation: Literal[tuple(ACTIVATIONS)]
+    classes: Annotated[int, AfterValidator(_one_of(CLASSES)), Allowed(
+        "0 (unconditional) or 10 (conditioned on the digit)")]
 
 
 class GaussianModel(Section):
@@ -170,6 +186,7 @@ class Train(Section):
     lr_floor: Float("the last step's lr as a fraction of lr", ge=0, le=1)
     min_snr_gamma: Float("0 = plain MSE", ge=0, le=1e4)
     ema_warmup: Float("K of min(ema_decay, (1 + step) / (K + step))", gt=1, le=1e4)
+    label_drop: Float("net.classes = 10: the probability a label is dropped", ge=0, lt=1)
     grad_clip: Float("the largest global gradient norm; 0 = no clipping", ge=0, le=1e6)
     grid_every: Int(1)
     grid_size: Int(1, 1024)
@@ -185,6 +202,9 @@ class Sample(Section):
     clip_x0: bool
     prior: Literal[PRIORS]
     batch_size: Batch
+    digits: Annotated[NonEmpty(Int(0, 9)), AfterValidator(_distinct_digits), Allowed(
+        "a non-empty list of distinct digits 0..9 (net.classes = 10: the digits asked for)")]
+    guidance: Float("classifier-free guidance weight w; 0 = plain conditional", ge=0, le=100)
 
 
 class Evaluate(Section):

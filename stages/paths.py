@@ -32,6 +32,11 @@ def samples_file(model: str) -> Path:
     return sample_dir(model) / "samples.npy"
 
 
+def labels_file(model: str) -> Path:
+    """A conditional model's requested digit of each sample (int64 (N,))."""
+    return sample_dir(model) / "labels.npy"
+
+
 def evaluate_dir(model: str) -> Path:
     """evaluate@<model>'s metrics.json (DVC metrics) and detail.json."""
     return Path("results/evaluate") / model

@@ -1,7 +1,9 @@
 """DVC stage sample@<model>: draw ``sample.n_samples`` digits from the model's EMA weights.
 
 Writes ``results/sample/<model>/samples.npy`` (uint8, N x 28 x 28) and ``grid.png`` (the first 64),
-and logs them to an MLflow run nested under the model's training run.
+and logs them to an MLflow run nested under the model's training run. A conditional model
+(``net.classes`` = 10) draws the digits ``sample.digits`` in turn, with classifier-free guidance
+``sample.guidance``, and writes the digit asked of each image to ``labels.npy``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from diffusion.io import atomic_path
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from diffusion.sampling import steps_within
-from stages.common import load_or_exit, model_argument, open_run, plain, stage_main
+from stages.common import fail, load_or_exit, model_argument, open_run, plain, stage_main
 from stages.params import load_params_or_exit
-from stages.paths import model_file, sample_dir, samples_file
+from stages.paths import labels_file, model_file, sample_dir, samples_file
 
 GRID_IMAGES = 64
 
@@ -34,6 +36,11 @@ def main() -> None:
     if steps < settings["steps"]:
         print(f"{stage}: sample.steps = {settings['steps']} is more than this model's n_T = "
               f"{model.process.n_T}; sampling with all {steps} steps")
+    digits = settings["digits"] if model.classes else None
+    if not model.classes and settings["guidance"] > 0:
+        fail(f"sample.guidance = {settings['guidance']} needs a conditional model, but "
+             f"{model_file(model_name)} was trained with net.classes = 0: set net.classes = 10 "
+             "(and retrain) or sample.guidance = 0", status=2)
     run = open_run(stage, model_name, parent_model_file=model_file(model_name))
     run.log_params({"seed": params["seed"], "sample": settings, "precision": params["precision"],
                     "precision_resolved": precision})
@@ -43,11 +50,17 @@ def main() -> None:
         images = model.sample(settings["n_samples"], steps=steps, sampler=settings["sampler"],
                               eta=settings["eta"], seed=params["seed"],
                               batch_size=settings["batch_size"], clip_x0=settings["clip_x0"],
-                              prior=settings["prior"])
+                              prior=settings["prior"], digit=digits,
+                              guidance=settings["guidance"] if digits else 0.0)
     seconds = time.perf_counter() - started
     with atomic_path(samples_file(model_name)) as tmp:
         with open(tmp, "wb") as file:
             np.save(file, images.numpy())
+    if digits:
+        labels = model.labels(digits, len(images)).cpu().numpy()
+        with atomic_path(labels_file(model_name)) as tmp:
+            with open(tmp, "wb") as file:
+                np.save(file, labels)
     save_grid(images[:GRID_IMAGES], sample_dir(model_name) / "grid.png")
     run.log_metrics({"images_per_s": len(images) / seconds})
     run.set_tags({"sample_seconds": f"{seconds:.1f}"})

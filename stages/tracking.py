@@ -249,7 +249,8 @@ def log_pytorch_model(run_id: str, experiment_id: str, model, model_file: Path |
 
     Its signature is the network's: x_t float32 (N, 1, 28, 28) in, the noise estimate of the
     same shape out, with the timestep ``t`` as an inference parameter (``predict(x_t,
-    params={"t": 500})`` calls ``model(x_t, t=500)``); the input example is two prior draws.
+    params={"t": 500})`` calls ``model(x_t, t=500)``), and for a conditional model the
+    ``digit`` (-1: none) and the ``guidance`` weight too; the input example is two prior draws.
     The model directory holds the pickled module (``data/model.pth``), the ``diffusion`` package
     it needs (``code/``, put on ``sys.path`` by ``load_model``, so a fresh interpreter without
     this project installed loads it) and ``model_file`` (``extra_files/model.pt``, loadable with
@@ -274,13 +275,14 @@ def log_pytorch_model(run_id: str, experiment_id: str, model, model_file: Path |
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no bar in the stage's log
     t = model.process.n_T // 2
     x_t = model.process.prior((2, 1, 28, 28), generator=torch.Generator().manual_seed(0))
-    signature = infer_signature(x_t.numpy(), model(x_t, t).detach().numpy(), params={"t": t})
+    params = {"t": t, **({"digit": -1, "guidance": 0.0} if model.classes else {})}
+    signature = infer_signature(x_t.numpy(), model(x_t, **params).detach().numpy(), params=params)
     try:
         mlflow.set_experiment(experiment_id=experiment_id)
         package = Path(sys.modules[type(model).__module__.split(".")[0]].__file__).parent
         info = mlflow.pytorch.log_model(
             model, name=name, run_id=run_id, registered_model_name=name,
-            signature=signature, input_example=(x_t.numpy(), {"t": t}),
+            signature=signature, input_example=(x_t.numpy(), params),
             serialization_format="pickle", code_paths=[str(package)],
             extra_files=[str(model_file)],
             pip_requirements=[pinned(p) for p in ("torch", "torchvision", "numpy", "cloudpickle")])

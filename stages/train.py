@@ -66,8 +66,10 @@ def main() -> None:
         if world.is_main:
             log_mnist(run, train=True, used=params["data"]["train_subset"], context="training")
             log_mnist(run, train=False, used=config.holdout_subset, context="held-out loss")
-    train_images, _ = mnist_on(device, train=True, subset=params["data"]["train_subset"])
-    test_images, _ = mnist_on(device, train=False)
+    train_images, train_labels = mnist_on(device, train=True, subset=params["data"]["train_subset"])
+    test_images, test_labels = mnist_on(device, train=False)
+    if not params["net"]["classes"]:  # an unconditional network is not given the digits
+        train_labels = test_labels = None
     progress = EpochProgress(config.epochs, loop.state.epoch, stage) if world.is_main else Silent()
 
     def report(record, grid: Path | None) -> None:
@@ -81,7 +83,8 @@ def main() -> None:
 
     with run.system_metrics(resume=loop.resumed):  # training and the model's logging
         try:
-            state = loop.run(train_images, test_images, report=report)
+            state = loop.run(train_images, test_images, report=report,
+                             train_labels=train_labels, test_labels=test_labels)
         except KeyboardInterrupt:
             progress.close()
             run.finish("KILLED")

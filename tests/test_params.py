@@ -118,7 +118,7 @@ BAD = [  # (key, bad value, fragment of the allowed values)
     ("train.lr", float("nan"), "a number in (0, 3.4e+38]"),
     ("train.lr", float("inf"), "a number in (0, 3.4e+38]"),
     ("train.epochs", 10.0, "an integer in [1, 100000]"),     # a float is not an int
-    ("net", [16, 32], "must be a mapping with keys kind, hidden, channels, blocks, attention, activation"),
+    ("net", [16, 32], "must be a mapping with keys kind, hidden, channels, blocks, attention, activation, classes"),
     ("net.kind", "resnet", "one of cnn, unet"),
     ("net.channels", [48, 100], "[c28, c14] or [c28, c14, c7] of multiples of 8"),
     ("net.channels", [48], "[c28, c14] or [c28, c14, c7] of multiples of 8"),
@@ -129,6 +129,13 @@ BAD = [  # (key, bad value, fragment of the allowed values)
     ("train.ema_warmup", 1, "a number in (1, 10000.0]"),
     ("ddpm.schedule", "sigmoid", "one of linear, cosine"),
     ("ddgm.target", "score", "one of eps, x0, v"),
+    ("net.classes", 5, "0 (unconditional) or 10 (conditioned on the digit)"),
+    ("net.classes", True, "0 (unconditional) or 10 (conditioned on the digit)"),
+    ("train.label_drop", 1.0, "a number in [0, 1)"),
+    ("sample.digits", [10], "a non-empty list of distinct digits 0..9"),
+    ("sample.digits", [3, 3], "a non-empty list of distinct digits 0..9"),
+    ("sample.digits", [], "a non-empty list of distinct digits 0..9"),
+    ("sample.guidance", -1, "a number in [0, 100]"),
 ]
 
 
