@@ -78,6 +78,7 @@ def test_notebook_runs_the_pipeline_and_shows_its_outputs(executed):
     assert "tiny (MNIST_DIFFUSION_TINY=1)" in text
     assert "Running stage 'train@ddgm'" in text and "Running stage 'plot'" in text
     assert "models:/ddgm@newest samples the same digits as models/ddgm/model.pt: True" in text
+    assert "ddgm: unconditional (net.classes = 0): train with -S net.classes=10" in text
 
     # the tiny overrides went through `dvc exp run -S` into params.yaml
     params = yaml.safe_load((root / "params.yaml").read_text())
