@@ -107,3 +107,40 @@ def test_network_benchmark_counts_flops_and_rates_for_every_network(tmp_path, mo
         assert row["train_images_per_s"] > 0 and row["eval_images_per_s"] > 0
         assert row["gflop_per_s"] == pytest.approx(row["gflop_per_image"] * row["train_images_per_s"])
     assert (tmp_path / "n.json").is_file()
+
+
+@pytest.mark.slow  # a subprocess run
+def test_guidance_benchmark_scores_every_weight_and_draws_a_row_per_digit(tmp_path):
+    """benchmarks.guidance trains a tiny conditional model, then reports each w's conditional
+    accuracy and FID and writes a 10 x 10 grid per w; an unconditional setting is refused."""
+    import torch
+    from PIL import Image
+
+    from diffusion.classifier import _build_model, save_classifier
+
+    for folder in ("diffusion", "stages", "benchmarks", "tools"):
+        (tmp_path / folder).symlink_to(REPO / folder)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    write_synthetic_mnist(tmp_path / "data" / "MNIST" / "raw")
+    save_classifier(_build_model(0), tmp_path / "models" / "classifier" / "classifier.pt")
+    tiny = ["-S", "data.train_subset=64", "-S", "train.batch_size=32", "-S", "train.holdout_subset=32",
+            "-S", "ddgm.n_T=10"]
+    command = [sys.executable, "-m", "benchmarks.guidance", "--model", "ddgm", "--epochs", "1",
+               *tiny, "--guidance", "0,2", "--sampler", "ddim:3", "--n-samples", "20",
+               "--json", "out.json", "--grids", "grids"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "add -S net.classes=10" in refused.stderr
+    result = subprocess.run([*command, "-S", "net.classes=10"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [row["guidance"] for row in out["rows"]] == [0.0, 2.0]
+    for row in out["rows"]:
+        assert 0 <= row["conditional_accuracy"] <= 1 and row["fid"] > 0
+        assert f"w = {row['guidance']:g}: conditional accuracy {row['conditional_accuracy']:.3f}" in result.stdout
+    assert out["overrides"]["net.classes"] == 10 and out["epochs"] == 1
+    for weight in ("0", "2"):
+        grid = Image.open(tmp_path / "grids" / f"ddgm_w{weight}.png")
+        assert grid.size == (10 * 28 + 11 * 2, 10 * 28 + 11 * 2)  # 10 x 10 digits, 2-pixel gaps
+    assert torch.__version__ == out["torch"]
