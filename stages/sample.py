@@ -17,7 +17,7 @@ from diffusion.io import atomic_path
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from diffusion.sampling import steps_within
-from stages.common import fail, load_or_exit, model_argument, open_run, plain, stage_main
+from stages.common import fail, load_or_exit, model_argument, open_run, plain, stage_main, warn
 from stages.params import load_params_or_exit
 from stages.paths import labels_file, model_file, sample_dir, samples_file
 
@@ -41,6 +41,9 @@ def main() -> None:
         fail(f"sample.guidance = {settings['guidance']} needs a conditional model, but "
              f"{model_file(model_name)} was trained with net.classes = 0: set net.classes = 10 "
              "(and retrain) or sample.guidance = 0", status=2)
+    if digits and settings["guidance"] > 0 and not model.config.get("train", {}).get("label_drop"):
+        warn(f"{stage}: {model_file(model_name)} was trained with train.label_drop = 0, so its "
+             "unconditional prediction never learned: guidance mixes in an untrained prediction")
     run = open_run(stage, model_name, parent_model_file=model_file(model_name))
     run.log_params({"seed": params["seed"], "sample": settings, "precision": params["precision"],
                     "precision_resolved": precision})

@@ -182,8 +182,9 @@ def test_an_unconditional_model_refuses_a_digit():
 
 @pytest.mark.slow
 def test_conditional_pipeline_writes_labels_and_conditional_accuracy(tmp_path):
-    """train, sample and evaluate of a conditional DDGM with guidance, through dvc repro."""
-    root = make_scratch_repo(tmp_path / "repo", {"net": {"classes": 10},
+    """train, sample and evaluate of a conditional DDGM with guidance, through dvc repro (with
+    no labels dropped in training, which the sample stage warns of)."""
+    root = make_scratch_repo(tmp_path / "repo", {"net": {"classes": 10}, "train": {"label_drop": 0.0},
                                                  "sample": {"guidance": 1.0, "digits": [3, 5]}})
     done = subprocess.run(["dvc", "repro", "evaluate@ddgm"], cwd=root, env=stage_env(),
                           capture_output=True, text=True)
@@ -193,6 +194,7 @@ def test_conditional_pipeline_writes_labels_and_conditional_accuracy(tmp_path):
     metrics = json.loads((root / "results/evaluate/ddgm/metrics.json").read_text())
     assert 0.0 <= metrics["quality"]["conditional_accuracy"] <= 1.0
     assert "conditional accuracy" in done.stdout
+    assert "models/ddgm/model.pt was trained with train.label_drop = 0" in done.stderr
     # The logged model takes the digit and the guidance weight as inference parameters.
     check = ("import mlflow, sys; info = mlflow.models.get_model_info('models:/ddgm/1'); "
              "print(sorted(p.name for p in info.signature.params))")
