@@ -11,7 +11,7 @@ import time
 from diffusion.classifier import evaluate_accuracy, save_classifier, train_classifier
 from diffusion.io import save_json
 from diffusion.data import default_device
-from stages.common import log_mnist, mnist_on, open_run, plain, stage_main
+from stages.common import log_mnist, mnist_on, open_run, stage_main
 from stages.params import load_params_or_exit
 from stages.paths import CLASSIFIER_FILE, CLASSIFIER_RESULTS
 
@@ -19,10 +19,10 @@ from stages.paths import CLASSIFIER_FILE, CLASSIFIER_RESULTS
 @stage_main
 def main() -> None:
     stage = "classifier"
-    params = plain(load_params_or_exit(stage))
-    settings = params["classifier"]
+    params = load_params_or_exit(stage)
+    settings = params.classifier
     run = open_run(stage, "classifier")
-    run.log_params({"seed": params["seed"], "classifier": settings})
+    run.log_params({"seed": params.seed, "classifier": settings.dump()})
     device = default_device()
     train_images, train_labels = mnist_on(device, train=True)
     test_images, test_labels = mnist_on(device, train=False)
@@ -37,19 +37,19 @@ def main() -> None:
 
     started = time.perf_counter()
     with run.system_metrics():
-        classifier = train_classifier(train_images, train_labels, epochs=settings["epochs"],
-                                      batch_size=settings["batch_size"], lr=settings["lr"],
-                                      seed=params["seed"], device=device, log=print,
+        classifier = train_classifier(train_images, train_labels, epochs=settings.epochs,
+                                      batch_size=settings.batch_size, lr=settings.lr,
+                                      seed=params.seed, device=device, log=print,
                                       on_epoch=on_epoch)
         accuracy = evaluate_accuracy(classifier, test_images, test_labels)
     seconds = time.perf_counter() - started
 
     save_classifier(classifier, CLASSIFIER_FILE)
     save_json({"test_accuracy": accuracy}, CLASSIFIER_RESULTS / "metrics.json")
-    run.log_metrics({"test_accuracy": accuracy}, step=settings["epochs"])
+    run.log_metrics({"test_accuracy": accuracy}, step=settings.epochs)
     run.set_tags({"train_seconds": f"{seconds:.1f}"})
     run.finish()
-    print(f"{stage}: test accuracy {accuracy:.4f} after {settings['epochs']} epochs "
+    print(f"{stage}: test accuracy {accuracy:.4f} after {settings.epochs} epochs "
           f"({seconds:.0f} s on {device})")
 
 

@@ -7,7 +7,6 @@ import contextlib
 import errno
 import functools
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +17,17 @@ import numpy as np
 import torch
 
 from diffusion.io import ModelFileError, SamplesFileError, load_samples
-from diffusion.mnist import (N_TEST, N_TRAIN, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
-                             load_mnist, md5_file, random_subset)
+from diffusion.mnist import (
+    N_TEST,
+    N_TRAIN,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    load_mnist,
+    md5_file,
+    random_subset,
+)
 from stages.paths import RAW_DIR
 from stages.tracking import Run, TrackingUnavailableError, finish_open_runs
 
@@ -79,11 +87,6 @@ def mlflow_scores(scores: dict[str, float], prefix: str = "") -> dict[str, float
 def warn(message: str) -> None:
     """``warning: <message>`` on stderr."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def plain(params: dict) -> dict:
-    """A params section as plain dicts and lists (for model files, JSON and MLflow)."""
-    return json.loads(json.dumps(params))
 
 
 def load_or_exit(loader: Callable[..., Loaded], path: Path, *args, **kwargs) -> Loaded:

@@ -19,7 +19,7 @@ from stages.paths import RAW_DIR
 @stage_main
 def main() -> None:
     params = load_params_or_exit("download")
-    local = params["data"]["local_dir"].strip()
+    local = params.data.local_dir.strip()
     try:
         fetch_mnist(RAW_DIR, local_dir=Path(local).expanduser() if local else None)
     except MnistUnavailableError as error:

@@ -31,7 +31,7 @@ from diffusion.io import save_json
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from stages.common import (fail, load_or_exit, log_mnist, mnist_reference, model_argument,
-                           mlflow_scores, open_run, plain, samples_or_exit, stage_main)
+                           mlflow_scores, open_run, samples_or_exit, stage_main)
 from stages.params import load_params_or_exit
 from stages.paths import (CLASSIFIER_FILE, evaluate_dir, labels_file, model_file, sample_dir,
                           samples_file)
@@ -41,15 +41,15 @@ from stages.paths import (CLASSIFIER_FILE, evaluate_dir, labels_file, model_file
 def main() -> None:
     model_name = model_argument("evaluate")
     stage = f"evaluate@{model_name}"
-    params = plain(load_params_or_exit(stage))
-    settings, seed = params["evaluate"], params["seed"]
-    n, batch_size = settings["n_samples"], settings["batch_size"]
+    params = load_params_or_exit(stage)
+    settings, seed = params.evaluate, params.seed
+    n, batch_size = settings.n_samples, settings.batch_size
     samples = samples_or_exit(samples_file(model_name))
     if samples.shape[0] < n:
         fail(f"evaluate.n_samples = {n} but {sample_dir(model_name)} holds only "
              f"{samples.shape[0]} images: raise sample.n_samples or lower evaluate.n_samples",
              status=2)
-    model = load_or_exit(load, model_file(model_name), precision=params["precision"])
+    model = load_or_exit(load, model_file(model_name), precision=params.precision)
     precision = resolve_precision(model.precision, model.device)
     labels = None
     if model.classes:
@@ -59,7 +59,7 @@ def main() -> None:
         labels = torch.from_numpy(np.load(labels_file(model_name), allow_pickle=False)[:n])
     classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, model.device)
     run = open_run(stage, model_name, parent_model_file=model_file(model_name))
-    run.log_params({"seed": seed, "evaluate": settings, "precision": params["precision"],
+    run.log_params({"seed": seed, "evaluate": settings.dump(), "precision": params.precision,
                     "precision_resolved": precision})
 
     test_images = mnist_reference(model.device, train=False, n=n, seed=seed)
@@ -69,7 +69,7 @@ def main() -> None:
     fake = torch.from_numpy(np.array(samples[:n]))
     with run.system_metrics():
         metrics = evaluate_model(model, fake, reference, test_images,
-                                 psnr_fractions=settings["psnr_t"], seed=seed,
+                                 psnr_fractions=settings.psnr_t, seed=seed,
                                  batch_size=batch_size, labels=labels)
 
     headline, detail = split_headline(metrics)

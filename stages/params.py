@@ -3,8 +3,9 @@
 Every stage starts with ``params = load_params_or_exit("train@ddpm")`` (its name as
 ``dvc stage list`` prints it). That validates the WHOLE params.yaml against the pydantic models
 below (a typo anywhere is caught by the first stage that runs) and returns only the keys that
-dvc.yaml declares under ``params:`` for that stage, as DVC itself resolves them; reading any
-other key raises KeyError. So "every key a stage reads is declared for it in dvc.yaml" holds by
+dvc.yaml declares under ``params:`` for that stage, as DVC itself resolves them, as typed
+attributes (``params.train.epochs``, ``params[model].n_T``); reading any other key raises
+AttributeError. So "every key a stage reads is declared for it in dvc.yaml" holds by
 construction.
 
 The models of the pipeline are listed once, in ``models``; each has a section of its own
@@ -18,6 +19,7 @@ build processes pass in (``build_process``); ``python -m tools.check`` checks ev
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import sys
 import types
@@ -439,36 +441,63 @@ def validate(params: Any, build_process: BuildProcess | None = None) -> dict:
     ``build_process`` (``diffusion.process.make_process``) also checks each model's schedule;
     it is passed by the callers that build processes, so this module imports no torch code.
     """
+    return checked(params, build_process).model_dump()
+
+
+def checked(params: Any, build_process: BuildProcess | None = None) -> Params:
+    """``validate``, returning the typed sections (a ``Params`` with a section per model)."""
     if not isinstance(params, dict):
         raise ParamsError(f"{PARAMS_FILE}: the file's content {params!r} is not allowed: must be "
                           f"a mapping with keys {', '.join(Params.model_fields)}, and a section "
                           "per model")
     model = schema(_model_names(params))
     try:
-        checked = model.model_validate(params, context={"build_process": build_process})
+        result = model.model_validate(params, context={"build_process": build_process})
     except ValidationError as error:
         errors = error.errors()
         first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         raise ParamsError(f"{PARAMS_FILE}: {_message(model, first, params)}") from None
-    return checked.model_dump()
+    return result
 
 
 # ---------------------------------------------------------------- one stage's view
-class DeclaredParams(dict):
-    """The params of one stage: reading a key dvc.yaml does not declare for it raises
-    KeyError. ``get`` raises too, as a default would silently hide an undeclared read."""
+class Declared:
+    """A validated section (or the whole file) as one stage sees it: attributes for the keys
+    dvc.yaml declares for the stage, typed as the schema above says (sections are ``Declared``
+    too; ``params[name]`` reads a model's section by its name). Reading any other key raises
+    AttributeError naming the stage and what it declares. ``dump()`` gives the declared values
+    as plain dicts and lists (for model files, JSON and MLflow)."""
 
-    def __init__(self, stage: str = "", path: str = "", *args: Any) -> None:
-        super().__init__(*args)
-        self.stage, self.path = stage, path
+    def __init__(self, value: BaseModel, keys: dict[str, Any] | None, stage: str,
+                 path: str = "") -> None:
+        # keys: declared name -> None (all of it) or the declared part of a section
+        keys = dict.fromkeys(type(value).model_fields) if keys is None else keys
+        self._value, self._keys, self._stage, self._path = value, keys, stage, path
 
-    def __missing__(self, key: str) -> Any:
-        full = f"{self.path}.{key}" if self.path else str(key)
-        raise KeyError(f"params key {full} is not declared for stage {self.stage} in dvc.yaml "
-                       f"(declared here: {', '.join(map(str, self)) or 'nothing'})")
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        full = f"{self._path}.{name}" if self._path else name
+        if name not in self._keys:
+            raise AttributeError(f"params key {full} is not declared for stage {self._stage} in "
+                                 f"dvc.yaml (declared here: {', '.join(self._keys) or 'nothing'})")
+        value = getattr(self._value, name)
+        if isinstance(value, BaseModel):
+            return Declared(value, self._keys[name], self._stage, full)
+        return value
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key]
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._keys
+
+    def __iter__(self) -> typing.Iterator[str]:
+        return iter(self._keys)
+
+    def dump(self) -> dict:
+        return {name: value.dump() if isinstance(value := getattr(self, name), Declared)
+                else copy.deepcopy(value) for name in self._keys}
 
 
 def read_yaml(path: Path) -> Any:
@@ -504,35 +533,33 @@ def stage_keys(root: Path) -> dict[str, list[str]]:
     return out
 
 
-def select(params: dict, keys: list[str], stage: str) -> DeclaredParams:
+def select(params: BaseModel, keys: list[str], stage: str) -> Declared:
     """The part of (validated) ``params`` named by ``keys`` (sections or dotted keys)."""
-    def wrap(value: Any, path: str) -> Any:
-        if not isinstance(value, dict):
-            return value
-        return DeclaredParams(stage, path, {k: wrap(v, f"{path}.{k}") for k, v in value.items()})
-
-    out = DeclaredParams(stage)
+    tree: dict[str, Any] = {}
     for key in keys:
-        src, dst, parts = params, out, key.split(".")
-        for i, part in enumerate(parts):
-            if not isinstance(src, dict) or part not in src:
+        value, parts = params, key.split(".")
+        for part in parts:
+            if not isinstance(value, BaseModel) or part not in type(value).model_fields:
                 raise ParamsError(f"dvc.yaml: stage {stage} declares params key {key}, which "
                                   f"{PARAMS_FILE} does not have")
-            src, path = src[part], ".".join(parts[: i + 1])
-            if i == len(parts) - 1:
-                dst[part] = wrap(src, path)
-            else:  # dict.setdefault: a plain lookup of a missing key would raise
-                dst = dict.setdefault(dst, part, DeclaredParams(stage, path))
-    return out
+            value = getattr(value, part)
+        node = tree
+        for part in parts[:-1]:
+            if node.get(part, {}) is None:  # a section already declared whole
+                break
+            node = node.setdefault(part, {})
+        else:
+            node[parts[-1]] = None  # the whole key
+    return Declared(params, tree, stage)
 
 
 def load_params(stage: str, root: Path | None = None,
-                build_process: BuildProcess | None = None) -> dict:
+                build_process: BuildProcess | None = None) -> Declared:
     """Validate ``<root>/params.yaml`` (root: default the current directory; ``build_process``
     as in ``validate``) and return only the keys that ``<root>/dvc.yaml`` declares for
     ``stage``, e.g. ``train@ddpm``."""
     root = Path(root) if root is not None else Path.cwd()
-    params = validate(read_yaml(root / PARAMS_FILE), build_process)
+    params = checked(read_yaml(root / PARAMS_FILE), build_process)
     stages = stage_keys(root)
     if stage not in stages:
         raise ParamsError(f"dvc.yaml: unknown stage {stage!r} (known stages: {', '.join(stages)})")
@@ -540,7 +567,7 @@ def load_params(stage: str, root: Path | None = None,
 
 
 def load_params_or_exit(stage: str, root: Path | None = None,
-                        build_process: BuildProcess | None = None) -> dict:
+                        build_process: BuildProcess | None = None) -> Declared:
     """``load_params``; on a ParamsError print ``error: <message>`` to stderr and exit 2."""
     try:
         return load_params(stage, root, build_process)

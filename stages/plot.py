@@ -28,7 +28,7 @@ from diffusion.report import (class_balance_figure, degradation_figure, loss_fig
                               memorisation_figure, model_label, precision_recall_figure,
                               samples_figure, save_figure, trajectories_figure)
 from diffusion.metrics import CLASS_FRACTIONS
-from stages.common import (fail, load_or_exit, mnist_reference, open_run, plain, samples_or_exit,
+from stages.common import (fail, load_or_exit, mnist_reference, open_run, samples_or_exit,
                            stage_main)
 from stages.params import load_params_or_exit
 from stages.paths import (CLASSIFIER_FILE, PLOT_DIR, RAW_DIR, evaluate_dir, model_file,
@@ -67,9 +67,9 @@ def read_metrics(folder: Path) -> dict:
 
 @stage_main
 def main() -> None:
-    params = plain(load_params_or_exit("plot"))
-    seed, names, n_digits = params["seed"], params["models"], params["plot"]["n_digits"]
-    models = {m: load_or_exit(load, model_file(m), precision=params["precision"]) for m in names}
+    params = load_params_or_exit("plot")
+    seed, names, n_digits = params.seed, params.models, params.plot.n_digits
+    models = {m: load_or_exit(load, model_file(m), precision=params.precision) for m in names}
     classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, next(iter(models.values())).device)
     logs = {m: read_log(train_dir(m) / "log.csv") for m in names}
     samples = {m: np.asarray(samples_or_exit(samples_file(m))) for m in names}
@@ -79,14 +79,14 @@ def main() -> None:
         fail(f"the memorisation panel shows {MEMORISATION_ROWS} samples per model, but "
              f"results/sample holds {too_few}: raise sample.n_samples", status=2)
     run = open_run("plot")
-    run.log_params({"seed": seed, "models": names, "plot": params["plot"],
-                    "precision": params["precision"]})
+    run.log_params({"seed": seed, "models": names, "plot": params.plot.dump(),
+                    "precision": params.precision})
     labels = {m: model_label(m, model.process.name) for m, model in models.items()}
 
     save_figure(loss_figure(logs, labels), PLOT_DIR / "loss_curves.png")
     save_figure(samples_figure(samples), PLOT_DIR / "samples.png")
     # Each model's timesteps of the fractions plot.t_show (repeats kept: columns line up).
-    t_show = {m: [round(f * model.process.n_T) for f in params["plot"]["t_show"]]
+    t_show = {m: [round(f * model.process.n_T) for f in params.plot.t_show]
               for m, model in models.items()}
     digits = load_mnist(RAW_DIR, train=False)[0][:n_digits]
     degraded = degradation({m: model.process for m, model in models.items()},

@@ -17,7 +17,7 @@ from diffusion.io import atomic_path
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from diffusion.sampling import steps_within
-from stages.common import fail, load_or_exit, model_argument, open_run, plain, stage_main, warn
+from stages.common import fail, load_or_exit, model_argument, open_run, stage_main, warn
 from stages.params import load_params_or_exit
 from stages.paths import labels_file, model_file, sample_dir, samples_file
 
@@ -28,33 +28,32 @@ GRID_IMAGES = 64
 def main() -> None:
     model_name = model_argument("sample")
     stage = f"sample@{model_name}"
-    params = plain(load_params_or_exit(stage))
-    settings = params["sample"]
-    model = load_or_exit(load, model_file(model_name), precision=params["precision"])
+    params = load_params_or_exit(stage)
+    settings = params.sample
+    model = load_or_exit(load, model_file(model_name), precision=params.precision)
     precision = resolve_precision(model.precision, model.device)
-    steps = steps_within(settings["steps"], model.process.n_T)
-    if steps < settings["steps"]:
-        print(f"{stage}: sample.steps = {settings['steps']} is more than this model's n_T = "
+    steps = steps_within(settings.steps, model.process.n_T)
+    if steps < settings.steps:
+        print(f"{stage}: sample.steps = {settings.steps} is more than this model's n_T = "
               f"{model.process.n_T}; sampling with all {steps} steps")
-    digits = settings["digits"] if model.classes else None
-    if not model.classes and settings["guidance"] > 0:
-        fail(f"sample.guidance = {settings['guidance']} needs a conditional model, but "
+    digits = settings.digits if model.classes else None
+    if not model.classes and settings.guidance > 0:
+        fail(f"sample.guidance = {settings.guidance} needs a conditional model, but "
              f"{model_file(model_name)} was trained with net.classes = 0: set net.classes = 10 "
              "(and retrain) or sample.guidance = 0", status=2)
-    if digits and settings["guidance"] > 0 and not model.config.get("train", {}).get("label_drop"):
+    if digits and settings.guidance > 0 and not model.config.get("train", {}).get("label_drop"):
         warn(f"{stage}: {model_file(model_name)} was trained with train.label_drop = 0, so its "
              "unconditional prediction never learned: guidance mixes in an untrained prediction")
     run = open_run(stage, model_name, parent_model_file=model_file(model_name))
-    run.log_params({"seed": params["seed"], "sample": settings, "precision": params["precision"],
+    run.log_params({"seed": params.seed, "sample": settings.dump(), "precision": params.precision,
                     "precision_resolved": precision})
 
     started = time.perf_counter()
     with run.system_metrics():
-        images = model.sample(settings["n_samples"], steps=steps, sampler=settings["sampler"],
-                              eta=settings["eta"], seed=params["seed"],
-                              batch_size=settings["batch_size"], clip_x0=settings["clip_x0"],
-                              prior=settings["prior"], digit=digits,
-                              guidance=settings["guidance"] if digits else 0.0)
+        images = model.sample(settings.n_samples, steps=steps, sampler=settings.sampler,
+                              eta=settings.eta, seed=params.seed, batch_size=settings.batch_size,
+                              clip_x0=settings.clip_x0, prior=settings.prior, digit=digits,
+                              guidance=settings.guidance if digits else 0.0)
     seconds = time.perf_counter() - started
     with atomic_path(samples_file(model_name)) as tmp:
         with open(tmp, "wb") as file:
@@ -69,7 +68,7 @@ def main() -> None:
     run.set_tags({"sample_seconds": f"{seconds:.1f}"})
     run.log_image(grid_image(images[:GRID_IMAGES]).numpy(), key="samples", step=0)
     run.finish()
-    print(f"{stage}: {len(images)} images, {settings['sampler']} sampler, {steps} steps, "
+    print(f"{stage}: {len(images)} images, {settings.sampler} sampler, {steps} steps, "
           f"{seconds:.1f} s on {model.device} ({precision}) -> {sample_dir(model_name)}")
 
 

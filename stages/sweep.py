@@ -20,16 +20,16 @@ from diffusion.io import save_json, save_text
 from diffusion.metrics import SCORES
 from diffusion.model import load
 from diffusion.network import resolve_precision
-from stages.common import fail, load_or_exit, mnist_reference, open_run, plain, stage_main
+from stages.common import fail, load_or_exit, mnist_reference, open_run, stage_main
 from stages.params import load_params_or_exit
 from stages.paths import CLASSIFIER_FILE, RAW_DIR, SWEEP_DIR, model_file
 
 
 @stage_main
 def main() -> None:
-    params = plain(load_params_or_exit("sweep"))
-    settings, seed, names = params["sweep"], params["seed"], params["models"]
-    n, batch_size, eta = settings["n_samples"], settings["batch_size"], settings["eta"]
+    params = load_params_or_exit("sweep")
+    settings, seed, names = params.sweep, params.seed, params.models
+    n, batch_size, eta = settings.n_samples, settings.batch_size, settings.eta
     needed = [CLASSIFIER_FILE, *(model_file(m) for m in names)]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
@@ -37,14 +37,14 @@ def main() -> None:
 
     run = open_run("sweep")
     try:
-        models = {m: load_or_exit(load, model_file(m), precision=params["precision"])
+        models = {m: load_or_exit(load, model_file(m), precision=params.precision)
                   for m in names}
         device = next(iter(models.values())).device
-        precision = resolve_precision(params["precision"], device)
-        run.log_params({"seed": seed, "models": names, "sweep": settings,
-                        "precision": params["precision"], "precision_resolved": precision})
+        precision = resolve_precision(params.precision, device)
+        run.log_params({"seed": seed, "models": names, "sweep": settings.dump(),
+                        "precision": params.precision, "precision_resolved": precision})
         for name, model in models.items():
-            if max(settings["steps"]) > model.process.n_T:
+            if max(settings.steps) > model.process.n_T:
                 print(f"sweep: step counts above {name}'s n_T = {model.process.n_T} are run as "
                       f"{model.process.n_T} steps", file=sys.stderr)
         test_images = mnist_reference(device, train=False, n=n, seed=seed)
@@ -65,16 +65,16 @@ def main() -> None:
                   f"{cell['seconds']:7.1f} s", flush=True)
 
         with run.system_metrics():
-            table = sweep(models, reference, steps=settings["steps"],
-                          samplers=settings["samplers"], n=n, eta=eta,
-                          clip_x0=settings["clip_x0"], prior=settings["prior"], seed=seed,
+            table = sweep(models, reference, steps=settings.steps,
+                          samplers=settings.samplers, n=n, eta=eta,
+                          clip_x0=settings.clip_x0, prior=settings.prior, seed=seed,
                           batch_size=batch_size, on_cell=on_cell)
     except BaseException:  # the run is marked failed, also on a clean exit by fail()
         run.finish("FAILED")
         raise
 
-    rows = {column(m, s): report.label(m, models[m].process.name, s, eta, settings["clip_x0"])
-            for s in settings["samplers"] for m in models}  # paper order: samplers outer
+    rows = {column(m, s): report.label(m, models[m].process.name, s, eta, settings.clip_x0)
+            for s in settings.samplers for m in models}  # paper order: samplers outer
     steps = sorted({int(s) for cells in table.values() for s in cells})
     save_json({"n_samples": n, "floor_fid": floor["fid"],
                **{c: {s: cell["fid"] for s, cell in cells.items()} for c, cells in table.items()}},

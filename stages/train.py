@@ -22,7 +22,7 @@ from diffusion.network import make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.training import Checkpoint, EpochRecord, NonFiniteLossError, TrainConfig, TrainLoop
 from stages.common import (EpochProgress, Silent, fail, log_mnist, mnist_on, model_argument,
-                           open_run, plain, stage_main, warn)
+                           open_run, stage_main, warn)
 from stages.params import load_params_or_exit
 from stages.paths import RAW_DIR, RESUME_DIR, model_file, train_dir
 from stages.store import repo_root
@@ -43,32 +43,32 @@ def epoch_metrics(record: EpochRecord) -> dict[str, float]:
 def main() -> None:
     model = model_argument("train")
     stage = f"train@{model}"
-    params = plain(load_params_or_exit(stage, build_process=make_process))
+    params = load_params_or_exit(stage, build_process=make_process)
     world, device = distributed.init(default_device())
-    config = TrainConfig(**params["train"], seed=params["seed"], data_scale=params["data"]["scale"],
-                         precision=resolve_precision(params["precision"], device))
-    checkpoint = checkpoint_for(stage, params)
+    config = TrainConfig(**params.train.dump(), seed=params.seed, data_scale=params.data.scale,
+                         precision=resolve_precision(params.precision, device))
+    checkpoint = checkpoint_for(stage, params.dump())
     torch.manual_seed(config.seed)  # the network's initial weights
-    loop = TrainLoop(make_network(params["net"]), make_process(params[model]), config, device,
+    loop = TrainLoop(make_network(params.net.dump()), make_process(params[model].dump()), config, device,
                      train_dir(model), checkpoint=checkpoint, warn=warn)
     run = open_run(stage, model, run_id=loop.extra.get("run_id")) if world.is_main else Silent()
     loop.extra["run_id"] = run.run_id
     if world.is_main:
         if others := checkpoint.report_others():
             print(others, flush=True)
-        print(f"{stage}: {config.precision} on {device} (precision: {params['precision']})",
+        print(f"{stage}: {config.precision} on {device} (precision: {params.precision})",
               flush=True)
         if loop.resumed:
             print(f"{stage}: resuming from epoch {loop.state.epoch} ({checkpoint.path})", flush=True)
     if not loop.resumed:
-        run.log_params({"model": model, **params, "precision_resolved": config.precision,
+        run.log_params({"model": model, **params.dump(), "precision_resolved": config.precision,
                         "device": str(device), "world_size": world.world_size})
         if world.is_main:
-            log_mnist(run, train=True, used=params["data"]["train_subset"], context="training")
+            log_mnist(run, train=True, used=params.data.train_subset, context="training")
             log_mnist(run, train=False, used=config.holdout_subset, context="held-out loss")
-    train_images, train_labels = mnist_on(device, train=True, subset=params["data"]["train_subset"])
+    train_images, train_labels = mnist_on(device, train=True, subset=params.data.train_subset)
     test_images, test_labels = mnist_on(device, train=False)
-    if not params["net"]["classes"]:  # an unconditional network is not given the digits
+    if not params.net.classes:  # an unconditional network is not given the digits
         train_labels = test_labels = None
     progress = EpochProgress(config.epochs, loop.state.epoch, stage) if world.is_main else Silent()
 
@@ -102,8 +102,8 @@ def main() -> None:
         if world.is_main:  # rank 0 writes the outputs
             path = model_file(model)
             save_model(path, state.net, state.ema, loop.process,
-                       {"model": model, "net": params["net"], "seed": config.seed,
-                        "train_subset": params["data"]["train_subset"], "train": params["train"],
+                       {"model": model, "net": params.net.dump(), "seed": config.seed,
+                        "train_subset": params.data.train_subset, "train": params.train.dump(),
                         "data_scale": config.data_scale,
                         "precision": config.precision, "epochs_trained": state.epoch})
             run.log_artifact(path, "model_file")

@@ -53,7 +53,7 @@ def test_stage_main_loads_params_before_any_other_call(module):
         calls += [ast.unparse(node.func) for node in ast.walk(statement) if isinstance(node, ast.Call)]
         if any(c in ("load_params_or_exit", "load_params") for c in calls):
             break
-    calls = [c for c in calls if c not in ("model_argument", "plain")]
+    calls = [c for c in calls if c != "model_argument"]
     assert calls and calls[0] in ("load_params_or_exit", "load_params"), \
         f"stages/{module}.py main() calls {calls[:3]} before validating params"
 

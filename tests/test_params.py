@@ -225,9 +225,11 @@ def test_train_ddpm_gets_exactly_its_declared_keys():
     params = load_params("train@ddpm", ROOT)
     assert set(params) == {"seed", "precision", "data", "net", "ddpm", "train"}
     assert set(params["data"]) == {"train_subset", "scale"}
-    assert params["ddpm"]["n_T"] == 1000 and params["train"]["epochs"] == SHIPPED["train"]["epochs"]
-    for read in (lambda: params["ddgm"], lambda: params["data"]["local_dir"], lambda: params.get("sample")):
-        with pytest.raises(KeyError, match="not declared for stage train@ddpm in dvc.yaml"):
+    assert params["ddpm"].n_T == 1000 and params.train.epochs == SHIPPED["train"]["epochs"]
+    assert isinstance(params.train.lr, float) and params.data.dump() == {
+        "train_subset": SHIPPED["data"]["train_subset"], "scale": SHIPPED["data"]["scale"]}
+    for read in (lambda: params["ddgm"], lambda: params.data.local_dir, lambda: params.sample):
+        with pytest.raises(AttributeError, match="not declared for stage train@ddpm in dvc.yaml"):
             read()
 
 

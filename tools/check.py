@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 from diffusion.process import make_process
-from stages.params import PARAMS_FILE, ParamsError, read_yaml, select, stage_keys, validate
+from stages.params import PARAMS_FILE, ParamsError, checked, read_yaml, select, stage_keys
 
 
 def main(root: Path | None = None) -> None:
     root = Path(root) if root is not None else Path.cwd()
     try:
-        params = validate(read_yaml(root / PARAMS_FILE), make_process)
+        params = checked(read_yaml(root / PARAMS_FILE), make_process)
         for stage, keys in stage_keys(root).items():
             select(params, keys, stage)
     except ParamsError as error:
