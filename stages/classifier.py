@@ -22,7 +22,7 @@ def main() -> None:
     params = load_params_or_exit(stage)
     settings = params.classifier
     run = open_run(stage, "classifier")
-    run.log_params({"seed": params.seed, "classifier": settings.dump()})
+    run.log_params({"seed": params.seed, "classifier": settings.as_dict()})
     device = default_device()
     train_images, train_labels = mnist_on(device, train=True)
     test_images, test_labels = mnist_on(device, train=False)

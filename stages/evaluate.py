@@ -59,7 +59,7 @@ def main() -> None:
         labels = torch.from_numpy(np.load(labels_file(model_name), allow_pickle=False)[:n])
     classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, model.device)
     run = open_run(stage, model_name, parent_model_file=model_file(model_name))
-    run.log_params({"seed": seed, "evaluate": settings.dump(), "precision": params.precision,
+    run.log_params({"seed": seed, "evaluate": settings.as_dict(), "precision": params.precision,
                     "precision_resolved": precision})
 
     test_images = mnist_reference(model.device, train=False, n=n, seed=seed)

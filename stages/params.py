@@ -465,7 +465,7 @@ class Declared:
     """A validated section (or the whole file) as one stage sees it: attributes for the keys
     dvc.yaml declares for the stage, typed as the schema above says (sections are ``Declared``
     too; ``params[name]`` reads a model's section by its name). Reading any other key raises
-    AttributeError naming the stage and what it declares. ``dump()`` gives the declared values
+    AttributeError naming the stage and what it declares. ``as_dict()`` gives the declared values
     as plain dicts and lists (for model files, JSON and MLflow)."""
 
     def __init__(self, value: BaseModel, keys: dict[str, Any] | None, stage: str,
@@ -495,8 +495,8 @@ class Declared:
     def __iter__(self) -> typing.Iterator[str]:
         return iter(self._keys)
 
-    def dump(self) -> dict:
-        return {name: value.dump() if isinstance(value := getattr(self, name), Declared)
+    def as_dict(self) -> dict:
+        return {name: value.as_dict() if isinstance(value := getattr(self, name), Declared)
                 else copy.deepcopy(value) for name in self._keys}
 
 

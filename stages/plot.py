@@ -79,7 +79,7 @@ def main() -> None:
         fail(f"the memorisation panel shows {MEMORISATION_ROWS} samples per model, but "
              f"results/sample holds {too_few}: raise sample.n_samples", status=2)
     run = open_run("plot")
-    run.log_params({"seed": seed, "models": names, "plot": params.plot.dump(),
+    run.log_params({"seed": seed, "models": names, "plot": params.plot.as_dict(),
                     "precision": params.precision})
     labels = {m: model_label(m, model.process.name) for m, model in models.items()}
 

@@ -45,7 +45,7 @@ def main() -> None:
         warn(f"{stage}: {model_file(model_name)} was trained with train.label_drop = 0, so its "
              "unconditional prediction never learned: guidance mixes in an untrained prediction")
     run = open_run(stage, model_name, parent_model_file=model_file(model_name))
-    run.log_params({"seed": params.seed, "sample": settings.dump(), "precision": params.precision,
+    run.log_params({"seed": params.seed, "sample": settings.as_dict(), "precision": params.precision,
                     "precision_resolved": precision})
 
     started = time.perf_counter()

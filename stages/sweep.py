@@ -41,7 +41,7 @@ def main() -> None:
                   for m in names}
         device = next(iter(models.values())).device
         precision = resolve_precision(params.precision, device)
-        run.log_params({"seed": seed, "models": names, "sweep": settings.dump(),
+        run.log_params({"seed": seed, "models": names, "sweep": settings.as_dict(),
                         "precision": params.precision, "precision_resolved": precision})
         for name, model in models.items():
             if max(settings.steps) > model.process.n_T:

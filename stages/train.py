@@ -45,11 +45,11 @@ def main() -> None:
     stage = f"train@{model}"
     params = load_params_or_exit(stage, build_process=make_process)
     world, device = distributed.init(default_device())
-    config = TrainConfig(**params.train.dump(), seed=params.seed, data_scale=params.data.scale,
+    config = TrainConfig(**params.train.as_dict(), seed=params.seed, data_scale=params.data.scale,
                          precision=resolve_precision(params.precision, device))
-    checkpoint = checkpoint_for(stage, params.dump())
+    checkpoint = checkpoint_for(stage, params.as_dict())
     torch.manual_seed(config.seed)  # the network's initial weights
-    loop = TrainLoop(make_network(params.net.dump()), make_process(params[model].dump()), config, device,
+    loop = TrainLoop(make_network(params.net.as_dict()), make_process(params[model].as_dict()), config, device,
                      train_dir(model), checkpoint=checkpoint, warn=warn)
     run = open_run(stage, model, run_id=loop.extra.get("run_id")) if world.is_main else Silent()
     loop.extra["run_id"] = run.run_id
@@ -61,7 +61,7 @@ def main() -> None:
         if loop.resumed:
             print(f"{stage}: resuming from epoch {loop.state.epoch} ({checkpoint.path})", flush=True)
     if not loop.resumed:
-        run.log_params({"model": model, **params.dump(), "precision_resolved": config.precision,
+        run.log_params({"model": model, **params.as_dict(), "precision_resolved": config.precision,
                         "device": str(device), "world_size": world.world_size})
         if world.is_main:
             log_mnist(run, train=True, used=params.data.train_subset, context="training")
@@ -102,8 +102,8 @@ def main() -> None:
         if world.is_main:  # rank 0 writes the outputs
             path = model_file(model)
             save_model(path, state.net, state.ema, loop.process,
-                       {"model": model, "net": params.net.dump(), "seed": config.seed,
-                        "train_subset": params.data.train_subset, "train": params.train.dump(),
+                       {"model": model, "net": params.net.as_dict(), "seed": config.seed,
+                        "train_subset": params.data.train_subset, "train": params.train.as_dict(),
                         "data_scale": config.data_scale,
                         "precision": config.precision, "epochs_trained": state.epoch})
             run.log_artifact(path, "model_file")

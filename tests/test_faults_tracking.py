@@ -89,7 +89,7 @@ def test_two_queued_experiments_run_in_parallel_into_one_mlflow_store(tmp_path):
     for seed in (1, 2):
         out = sh("dvc", "exp", "run", "--queue", "train@ddpm", "-S", f"seed={seed}")
         names.append(out.split("Queued experiment '")[1].split("'")[0])
-    sh("dvc", "queue", "start", "-j", "2")
+    sh("dvc", "queue", "start", "-j", "2", timeout=300)  # slow to return on a loaded machine
     try:
         deadline = time.monotonic() + 240
         while True:

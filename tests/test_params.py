@@ -226,7 +226,7 @@ def test_train_ddpm_gets_exactly_its_declared_keys():
     assert set(params) == {"seed", "precision", "data", "net", "ddpm", "train"}
     assert set(params["data"]) == {"train_subset", "scale"}
     assert params["ddpm"].n_T == 1000 and params.train.epochs == SHIPPED["train"]["epochs"]
-    assert isinstance(params.train.lr, float) and params.data.dump() == {
+    assert isinstance(params.train.lr, float) and params.data.as_dict() == {
         "train_subset": SHIPPED["data"]["train_subset"], "scale": SHIPPED["data"]["scale"]}
     for read in (lambda: params["ddgm"], lambda: params.data.local_dir, lambda: params.sample):
         with pytest.raises(AttributeError, match="not declared for stage train@ddpm in dvc.yaml"):
