@@ -133,6 +133,15 @@ def save_json(obj: Any, path: Path | str) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def save_array(array: np.ndarray, path: Path | str) -> None:
+    """A NumPy array as .npy (no pickles), atomically."""
+    import numpy as np  # imported here, as in load_samples: the stages that save none skip it
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as file:
+            np.save(file, array, allow_pickle=False)
+
+
 def save_text(text: str, path: Path | str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

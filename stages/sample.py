@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from diffusion.data import grid_image, save_grid
-from diffusion.io import atomic_path
+from diffusion.io import save_array
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from diffusion.sampling import steps_within
@@ -55,14 +53,9 @@ def main() -> None:
                               clip_x0=settings.clip_x0, prior=settings.prior, digit=digits,
                               guidance=settings.guidance if digits else 0.0)
     seconds = time.perf_counter() - started
-    with atomic_path(samples_file(model_name)) as tmp:
-        with open(tmp, "wb") as file:
-            np.save(file, images.numpy())
+    save_array(images.numpy(), samples_file(model_name))
     if digits:
-        labels = model.labels(digits, len(images)).cpu().numpy()
-        with atomic_path(labels_file(model_name)) as tmp:
-            with open(tmp, "wb") as file:
-                np.save(file, labels)
+        save_array(model.labels(digits, len(images)).cpu().numpy(), labels_file(model_name))
     save_grid(images[:GRID_IMAGES], sample_dir(model_name) / "grid.png")
     run.log_metrics({"images_per_s": len(images) / seconds})
     run.set_tags({"sample_seconds": f"{seconds:.1f}"})
