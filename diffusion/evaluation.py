@@ -114,22 +114,27 @@ def split_headline(metrics: dict) -> tuple[dict, dict]:
 SweepTable = dict[str, dict[str, dict[str, float]]]  # column -> str(steps) -> scores
 
 
-def column(model: str, sampler: str) -> str:
-    """The sweep table's name of one row of the paper's table, e.g. ``ddgm_ddim`` (also the CSV
-    column and the MLflow metric ``fid_<column>``)."""
-    return f"{model}_{sampler}"
+def column(model: str, sampler: str, guidance: float = 0.0) -> str:
+    """The sweep table's name of one row of the paper's table, e.g. ``ddgm_ddim``, and with
+    classifier-free guidance w > 0 ``ddgm_w2_ddim`` (also the CSV column and the MLflow metric
+    ``fid_<column>``)."""
+    return f"{model}_w{guidance:g}_{sampler}" if guidance else f"{model}_{sampler}"
 
 
 def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Iterable[int],
           samplers: Iterable[str], n: int, eta: float, clip_x0: bool, seed: int,
           batch_size: int, keep: Iterable[str] = SCORES, prior: str = "exact",
+          guidance: Iterable[float] = (0.0,),
           on_cell: Callable[[str, int, dict[str, float]], None] | None = None) -> SweepTable:
     """FID (and the ``keep`` scores) against sampling steps: the DDGM paper's table.
 
-    For every sampler (outer, as in the paper), model and step count, ``n`` images from the
-    same seed are scored against ``reference``; a step count above a model's n_T runs all n_T
-    steps (stored under that count). Each cell holds the scores and the sampling ``seconds``;
-    ``on_cell(column, steps, cell)`` sees each as it is done.
+    For every sampler (outer, as in the paper), model, guidance weight and step count, ``n``
+    images from the same seed are scored against ``reference``; a step count above a model's
+    n_T runs all n_T steps (stored under that count). A conditional model is asked for the
+    digits in turn (equal numbers) with each classifier-free ``guidance`` weight w, and its
+    cells add the conditional accuracy; an unconditional one takes only w = 0. Each cell holds
+    the scores and the sampling ``seconds``; ``on_cell(column, steps, cell)`` sees each as it
+    is done.
     """
     keep = tuple(keep)
     for model in models.values():  # warm-up (CUDA context, kernel choice): not timed below
@@ -137,17 +142,22 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
     table: SweepTable = {}
     for sampler in samplers:
         for name, model in models.items():
-            cells = table[column(name, sampler)] = {}
-            for count in sorted({steps_within(s, model.process.n_T) for s in steps}):
-                started = time.perf_counter()
-                images = model.sample(n, steps=count, sampler=sampler, eta=eta, seed=seed,
-                                      batch_size=batch_size, clip_x0=clip_x0, prior=prior)
-                seconds = time.perf_counter() - started
-                scores = reference.score(images)
-                cell = {**{k: scores[k] for k in keep}, "seconds": seconds}
-                cells[str(count)] = cell
-                if on_cell is not None:
-                    on_cell(column(name, sampler), count, cell)
+            digits = list(range(model.classes)) or None
+            labels = model.labels(digits, n)
+            for w in guidance:
+                cells = table[column(name, sampler, w)] = {}
+                for count in sorted({steps_within(s, model.process.n_T) for s in steps}):
+                    started = time.perf_counter()
+                    images = model.sample(n, steps=count, sampler=sampler, eta=eta, seed=seed,
+                                          batch_size=batch_size, clip_x0=clip_x0, prior=prior,
+                                          digit=digits, guidance=w)
+                    seconds = time.perf_counter() - started
+                    scores = reference.score(images, labels)
+                    kept = (*keep, CONDITIONAL_ACCURACY) if digits else keep
+                    cell = {**{k: scores[k] for k in kept}, "seconds": seconds}
+                    cells[str(count)] = cell
+                    if on_cell is not None:
+                        on_cell(column(name, sampler, w), count, cell)
     return table
 
 

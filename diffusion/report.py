@@ -20,6 +20,7 @@ from matplotlib.figure import Figure  # drawn with Agg: no GUI backend, no pyplo
 
 from diffusion.data import grid_image
 from diffusion.io import atomic_path
+from diffusion.metrics import CONDITIONAL_ACCURACY
 
 DPI = 120
 NOISE_NAMES = {"gaussian": "Gaussian", "gamma": "Gamma"}
@@ -207,10 +208,13 @@ def memorisation_figure(samples: dict[str, np.ndarray], train_images: np.ndarray
 
 
 # ------------------------------------------------------------------ the sweep's table and plot
-def label(model: str, noise: str, sampler: str, eta: float, clip_x0: bool = False) -> str:
-    """Human-readable row name, e.g. ``Gamma (ddgm), DDIM eta=0`` (``, x0 clipped``)."""
+def label(model: str, noise: str, sampler: str, eta: float, clip_x0: bool = False,
+          guidance: float = 0.0) -> str:
+    """Human-readable row name, e.g. ``Gamma (ddgm), DDIM eta=0`` (``, x0 clipped``,
+    ``, guidance w=2``)."""
     how = "ancestral (DDPM)" if sampler == "ancestral" else f"DDIM eta={eta:g}"
-    return f"{NOISE_NAMES.get(noise, noise)} ({model}), {how}{', x0 clipped' if clip_x0 else ''}"
+    return (f"{NOISE_NAMES.get(noise, noise)} ({model}), {how}{', x0 clipped' if clip_x0 else ''}"
+            f"{f', guidance w={guidance:g}' if guidance else ''}")
 
 
 def fid_rows(table: Table, columns: list[str], steps: list[int]) -> list[dict[str, float | str]]:
@@ -245,12 +249,18 @@ def markdown_table(table: Table, rows: dict[str, str], steps: list[int], key: st
 
 def markdown_report(table: Table, rows: dict[str, str], steps: list[int], floor: dict[str, float],
                     n_samples: int, device: str) -> str:
-    """``table.md``: the FID table, what it was measured on, and the sampling times."""
+    """``table.md``: the FID table, what it was measured on, the conditional accuracy (of
+    conditional models) and the sampling times."""
+    conditional = [c for c in rows if any(CONDITIONAL_ACCURACY in cell for cell in table.get(c, {}).values())]
+    accuracy = (f"## Conditional accuracy\n\n"
+                f"{markdown_table(table, {c: rows[c] for c in conditional}, steps, CONDITIONAL_ACCURACY, 3)}\n"
+                "The fraction of the images the MNIST classifier reads as the digit asked for.\n\n"
+                if conditional else "")
     return (f"# FID against sampling steps\n\n{markdown_table(table, rows, steps)}\n"
             f"FID of {n_samples} generated images against {n_samples} random MNIST test "
             f"images, on the MNIST classifier's features (lower is better).\n"
             f"Floor ({n_samples} random real training images against the same test images): "
-            f"FID {floor['fid']:.2f}.\nDevice: {device}.\n\n"
+            f"FID {floor['fid']:.2f}.\nDevice: {device}.\n\n{accuracy}"
             f"## Sampling seconds\n\n{markdown_table(table, rows, steps, 'seconds', 1)}")
 
 

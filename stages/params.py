@@ -136,10 +136,10 @@ def _one_of(allowed: tuple) -> Callable[[Any], Any]:
     return check
 
 
-def _distinct_digits(digits: list[int]) -> list[int]:
-    if len(set(digits)) != len(digits):
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
         raise ValueError("repeated")
-    return digits
+    return values
 
 
 class Net(Section):
@@ -204,7 +204,7 @@ class Sample(Section):
     clip_x0: bool
     prior: Literal[PRIORS]
     batch_size: Batch
-    digits: Annotated[NonEmpty(Int(0, 9)), AfterValidator(_distinct_digits), Allowed(
+    digits: Annotated[NonEmpty(Int(0, 9)), AfterValidator(_distinct), Allowed(
         "a non-empty list of distinct digits 0..9 (net.classes = 10: the digits asked for)")]
     guidance: Float("classifier-free guidance weight w; 0 = plain conditional", ge=0, le=100)
 
@@ -231,6 +231,9 @@ class Sweep(Section):
     clip_x0: bool
     prior: Literal[PRIORS]
     batch_size: Batch
+    guidance: Annotated[NonEmpty(Float(ge=0, le=100)), AfterValidator(_distinct), Allowed(
+        "a non-empty list of distinct numbers in [0, 100]: classifier-free guidance weights w "
+        "(above 0 only for net.classes = 10)")]
 
 
 class Plot(Section):

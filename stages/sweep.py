@@ -5,6 +5,9 @@ Gaussian or Gamma noise with the ancestral and the DDIM sampler) on MNIST, with 
 stage's features in place of Inception-v3 (``diffusion.evaluation.sweep``): every cell draws
 ``sweep.n_samples`` images from the same seed and scores them against as many random test
 images, beside the floor. A step count above a model's n_T runs its n_T steps (said once).
+Conditional models (``net.classes = 10``) are asked for every digit in equal numbers, once per
+classifier-free guidance weight of ``sweep.guidance`` (rows ``<model>_w<w>_<sampler>`` for
+w > 0), and their cells add the conditional accuracy.
 Writes to ``results/sweep/``: ``table.json`` (the FIDs; DVC metrics), ``cells.json`` (every
 score of every cell), ``fid.csv`` (DVC plot data), ``table.md`` and ``fid_vs_steps.png``.
 """
@@ -17,7 +20,7 @@ from diffusion import report
 from diffusion.classifier import load_classifier
 from diffusion.evaluation import Reference, column, sweep
 from diffusion.io import save_json, save_text
-from diffusion.metrics import SCORES
+from diffusion.metrics import CONDITIONAL_ACCURACY, SCORES
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from stages.common import fail, load_or_exit, mnist_reference, open_run, stage_main
@@ -44,6 +47,10 @@ def main() -> None:
         run.log_params({"seed": seed, "models": names, "sweep": settings.as_dict(),
                         "precision": params.precision, "precision_resolved": precision})
         for name, model in models.items():
+            if not model.classes and any(settings.guidance):
+                fail(f"sweep.guidance = {settings.guidance} is not allowed for {name}: it is "
+                     "unconditional (trained with net.classes = 0); use [0.0], or train with "
+                     "net.classes = 10", status=2)
             if max(settings.steps) > model.process.n_T:
                 print(f"sweep: step counts above {name}'s n_T = {model.process.n_T} are run as "
                       f"{model.process.n_T} steps", file=sys.stderr)
@@ -60,29 +67,35 @@ def main() -> None:
         run.log_metrics({"sweep_floor_fid": floor["fid"]})
 
         def on_cell(column: str, count: int, cell: dict[str, float]) -> None:
-            run.log_metrics({f"fid_{column}": cell["fid"]}, step=count)  # FID against steps
+            accuracy = cell.get(CONDITIONAL_ACCURACY)
+            run.log_metrics({f"fid_{column}": cell["fid"]}  # FID against steps
+                            | ({f"{CONDITIONAL_ACCURACY}_{column}": accuracy} if accuracy is not None else {}),
+                            step=count)
             print(f"sweep: {column:16s} {count:5d} steps  FID {cell['fid']:8.2f}  "
-                  f"{cell['seconds']:7.1f} s", flush=True)
+                  + (f"accuracy {accuracy:.3f}  " if accuracy is not None else "")
+                  + f"{cell['seconds']:7.1f} s", flush=True)
 
         with run.system_metrics():
             table = sweep(models, reference, steps=settings.steps,
                           samplers=settings.samplers, n=n, eta=eta,
                           clip_x0=settings.clip_x0, prior=settings.prior, seed=seed,
-                          batch_size=batch_size, on_cell=on_cell)
+                          batch_size=batch_size, guidance=settings.guidance, on_cell=on_cell)
     except BaseException:  # the run is marked failed, also on a clean exit by fail()
         run.finish("FAILED")
         raise
 
-    rows = {column(m, s): report.label(m, models[m].process.name, s, eta, settings.clip_x0)
-            for s in settings.samplers for m in models}  # paper order: samplers outer
+    rows = {column(m, s, w): report.label(m, models[m].process.name, s, eta, settings.clip_x0, w)
+            for s in settings.samplers for m in models for w in settings.guidance}  # paper order
     steps = sorted({int(s) for cells in table.values() for s in cells})
     save_json({"n_samples": n, "floor_fid": floor["fid"],
                **{c: {s: cell["fid"] for s, cell in cells.items()} for c, cells in table.items()}},
               SWEEP_DIR / "table.json")
     save_json({"n_samples": n, "floor": floor, **table}, SWEEP_DIR / "cells.json")
     cells = [(c, int(s), cell) for c, by_steps in table.items() for s, cell in by_steps.items()]
+    scores = (*SCORES, *([CONDITIONAL_ACCURACY] if all(CONDITIONAL_ACCURACY in cell
+                                                        for _, _, cell in cells) else []))
     run.log_table({"row": [rows[c] for c, _, _ in cells], "steps": [s for _, s, _ in cells],
-                   **{k: [cell[k] for _, _, cell in cells] for k in (*SCORES, "seconds")}},
+                   **{k: [cell[k] for _, _, cell in cells] for k in (*scores, "seconds")}},
                   "cells_table.json")
     save_text(report.csv_text(report.fid_rows(table, list(rows), steps), list(rows)),
               SWEEP_DIR / "fid.csv")

@@ -22,7 +22,7 @@ from diffusion import evaluation, report
 from diffusion.classifier import MnistClassifier, save_classifier
 from diffusion.metrics import SCORES
 from diffusion.model import save_model
-from diffusion.network import make_network
+from diffusion.network import LabelEmbedding, make_network
 from diffusion.process import GammaProcess, GaussianProcess
 from stages import sweep
 from tests.helpers import REPO, TINY_PARAMS, merge, write_synthetic_mnist
@@ -49,6 +49,9 @@ def build_inputs(root: Path, ddgm_n_T: int = 10, sweep_params: dict | None = Non
     for i, (name, process) in enumerate(processes.items()):
         torch.manual_seed(i)
         net = make_network(net_config)
+        for module in net.modules():  # a conditional net's digits, as if trained: not all zero
+            if isinstance(module, LabelEmbedding) and module.table is not None:
+                torch.nn.init.normal_(module.table.weight)
         save_model(root / "models" / name / "model.pt", net, net, process,
                    {"model": name, "net": net_config})
     torch.manual_seed(0)
@@ -95,6 +98,7 @@ HAND_ROWS = {"ddpm_ancestral": "Gaussian (ddpm), ancestral (DDPM)",
 
 def test_column_and_label_name_the_paper_rows():
     assert evaluation.column("ddgm", "ddim") == "ddgm_ddim"
+    assert evaluation.column("ddgm", "ddim", 0.5) == "ddgm_w0.5_ddim"
     assert report.label("ddgm", "gamma", "ddim", 0.0) == "Gamma (ddgm), DDIM eta=0"
     assert report.label("ddpm", "gaussian", "ancestral", 0.5) == "Gaussian (ddpm), ancestral (DDPM)"
 
@@ -243,3 +247,43 @@ def test_the_sweep_runs_unchanged_on_unets_with_the_cosine_schedule_and_other_ta
     for column in COLUMNS:
         assert sorted(map(int, table[column])) == STEPS
         assert all(math.isfinite(fid) and fid >= 0 for fid in table[column].values())
+
+
+def test_conditional_models_are_swept_against_the_guidance_weight(tmp_path, monkeypatch):
+    """sweep.guidance [0, 2] on conditional models: a row per (sampler, model, w), each cell
+    with the conditional accuracy, which table.md, MLflow and the cells table carry too."""
+    conditional = {"hidden": [8, 8], "activation": "gelu", "classes": 10}
+    root = build_inputs(tmp_path, net_config=conditional,
+                        sweep_params={"steps": [1, 3], "samplers": ["ddim"], "guidance": [0.0, 2.0]})
+    run_stage(root, monkeypatch)
+    columns = ["ddpm_ddim", "ddpm_w2_ddim", "ddgm_ddim", "ddgm_w2_ddim"]
+    cells = json.loads((root / "results/sweep/cells.json").read_text())
+    assert set(cells) == {"n_samples", "floor", *columns}
+    for c in columns:
+        for cell in cells[c].values():
+            assert set(cell) == {*SCORES, "conditional_accuracy", "seconds"}
+            assert 0 <= cell["conditional_accuracy"] <= 1
+    # w changes the images: the guided and the plain conditional cells differ beyond one step
+    assert cells["ddpm_w2_ddim"]["3"]["fid"] != pytest.approx(cells["ddpm_ddim"]["3"]["fid"], rel=1e-6)
+    text = (root / "results/sweep/table.md").read_text()
+    assert "## Conditional accuracy" in text
+    assert f"| {report.label('ddgm', 'gamma', 'ddim', 0.0, True, 2.0)} |" in text
+    assert report.label('ddgm', 'gamma', 'ddim', 0.0, True, 2.0).endswith(", guidance w=2")
+    assert list(next(csv.DictReader((root / "results/sweep/fid.csv").open()))) == ["steps", *columns]
+    client, runs = mlflow_runs(root)
+    [run] = [r for r in runs if r.data.tags["stage"] == "sweep"]
+    history = client.get_metric_history(run.info.run_id, "conditional_accuracy_ddgm_w2_ddim")
+    assert sorted(m.step for m in history) == [1, 3]
+    assert history[0].value == pytest.approx(cells["ddgm_w2_ddim"][str(history[0].step)]["conditional_accuracy"])
+
+
+def test_guidance_for_unconditional_models_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    root = build_inputs(tmp_path, sweep_params={"guidance": [0.0, 1.0]})
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(root, monkeypatch)
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == ("error: sweep.guidance = [0.0, 1.0] is not allowed for ddpm: it is "
+                    "unconditional (trained with net.classes = 0); use [0.0], or train with "
+                    "net.classes = 10")
+    assert not (root / "results").exists()
