@@ -3,7 +3,8 @@
 Writes ``results/sample/<model>/samples.npy`` (uint8, N x 28 x 28) and ``grid.png`` (the first 64),
 and logs them to an MLflow run nested under the model's training run. A conditional model
 (``net.classes`` = 10) draws the digits ``sample.digits`` in turn, with classifier-free guidance
-``sample.guidance``, and writes the digit asked of each image to ``labels.npy``.
+``sample.guidance``, writes the digit asked of each image to ``labels.npy``, and its grid has one
+row per digit asked for (the first ten of each: a 10 x 10 grid for all ten digits).
 """
 
 from __future__ import annotations
@@ -56,10 +57,14 @@ def main() -> None:
     save_array(images.numpy(), samples_file(model_name))
     if digits:
         save_array(model.labels(digits, len(images)).cpu().numpy(), labels_file(model_name))
-    save_grid(images[:GRID_IMAGES], sample_dir(model_name) / "grid.png")
+    shown, per_row = images[:GRID_IMAGES], None
+    if digits and len(images) >= len(digits):  # image i was asked for digits[i % len(digits)]
+        per_row = min(10, len(images) // len(digits))
+        shown = images[[i * len(digits) + row for row in range(len(digits)) for i in range(per_row)]]
+    save_grid(shown, sample_dir(model_name) / "grid.png", per_row)
     run.log_metrics({"images_per_s": len(images) / seconds})
     run.set_tags({"sample_seconds": f"{seconds:.1f}"})
-    run.log_image(grid_image(images[:GRID_IMAGES]).numpy(), key="samples", step=0)
+    run.log_image(grid_image(shown, per_row).numpy(), key="samples", step=0)
     run.finish()
     print(f"{stage}: {len(images)} images, {settings.sampler} sampler, {steps} steps, "
           f"{seconds:.1f} s on {model.device} ({precision}) -> {sample_dir(model_name)}")

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from diffusion.model import DiffusionModel
@@ -191,6 +192,8 @@ def test_conditional_pipeline_writes_labels_and_conditional_accuracy(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     labels = np.load(root / "results/sample/ddgm/labels.npy")
     assert labels.tolist() == [3, 5] * 16
+    with Image.open(root / "results/sample/ddgm/grid.png") as grid:  # a row of ten 3s, of ten 5s
+        assert grid.size == (10 * 30 + 2, 2 * 30 + 2)
     metrics = json.loads((root / "results/evaluate/ddgm/metrics.json").read_text())
     assert 0.0 <= metrics["quality"]["conditional_accuracy"] <= 1.0
     assert "conditional accuracy" in done.stdout
