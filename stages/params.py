@@ -13,7 +13,8 @@ The models of the pipeline are listed once, in ``models``; each has a section of
 dvc.yaml's ``foreach: ${models}`` makes one train, sample and evaluate stage per model.
 
 Errors are one-line ``ParamsError``s, e.g.
-``params.yaml: ddgm.theta_0 = -1.0 is not allowed: must be a number > 0``. Whether a model's
+``params.yaml: ddgm.theta_0 = -1.0 is not allowed: must be a number > 0``: each field type
+carries its allowed values in words (``Allowed``), which the message quotes. Whether a model's
 schedule can be computed exactly is checked by ``diffusion.process``, which the stages that
 build processes pass in (``build_process``); ``python -m tools.check`` checks everything.
 """
@@ -21,14 +22,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import sys
-import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import annotated_types
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
                       ValidationError, ValidationInfo, create_model, model_validator)
@@ -41,6 +41,9 @@ from diffusion.options import (ACTIVATIONS, CLASSES, GAMMA, GAUSSIAN, LR_SCHEDUL
 
 PARAMS_FILE = "params.yaml"
 MIN_METRIC_SAMPLES = 4    # precision/recall with k = 3 needs > k; FID needs >= 2
+EVALUATE_N_SAMPLES = (f"an integer in [{MIN_METRIC_SAMPLES}, {{top}}] (precision/recall with k = 3 "
+                      "needs more than 3 images; {named}evaluate scores the first "
+                      "evaluate.n_samples sampled images)")
 # Upper bounds: what one machine's memory and a run's time can carry, well above any use.
 MAX_N_T = 100_000         # schedules, sampling loops and the Gamma shapes grow with n_T
 MAX_BATCH = 65_536
@@ -54,18 +57,11 @@ class ParamsError(ValueError):
 
 # ---------------------------------------------------------------- field types
 class Allowed:
-    """Field metadata: the allowed values in words, where the constraints cannot say it."""
+    """Field metadata: the allowed values in words, as the one-line errors say them (the last
+    one of a field wins, so a wrapper can restate its item's)."""
 
     def __init__(self, text: str) -> None:
         self.text = text
-
-
-class UpTo:
-    """Field metadata: the field's upper bound is the value of another key (checked by
-    ``Params``, which knows both)."""
-
-    def __init__(self, key: str, why: str) -> None:
-        self.key, self.why = key, why
 
 
 def _float_literal(value: Any) -> Any:
@@ -78,19 +74,40 @@ def _float_literal(value: Any) -> Any:
     return value
 
 
+def _in_words(kind: str, note: str | None, ge: Any = None, gt: Any = None, le: Any = None,
+              lt: Any = None) -> Allowed:
+    """E.g. "an integer in [1, 100000] (0 = all)", "a number > 0"."""
+    lo, hi = (ge if gt is None else gt), (le if lt is None else lt)
+    if lo is not None and hi is not None:
+        kind += f" in {'[' if gt is None else '('}{lo}, {hi}{']' if lt is None else ')'}"
+    elif lo is not None:
+        kind += f" {'>=' if gt is None else '>'} {lo}"
+    return Allowed(f"{kind} ({note})" if note else kind)
+
+
 def Int(lo: int, hi: int | None = None, note: str | None = None) -> Any:
     """An int (not a bool, not a float) in [lo, hi]."""
-    return Annotated[int, Field(ge=lo, le=hi, description=note)]
+    return Annotated[int, Field(ge=lo, le=hi), _in_words("an integer", note, ge=lo, le=hi)]
 
 
 def Float(note: str | None = None, **bounds: float) -> Any:
     """A finite number (an int is accepted and converted) within ``bounds`` (gt, ge, lt, le)."""
-    return Annotated[float, BeforeValidator(_float_literal),
-                     Field(allow_inf_nan=False, description=note, **bounds)]
+    return Annotated[float, BeforeValidator(_float_literal), Field(allow_inf_nan=False, **bounds),
+                     _in_words("a number", note, **bounds)]
+
+
+def OneOf(values: tuple[str, ...]) -> Any:
+    return Annotated[Literal[values], Allowed("one of " + ", ".join(values))]
 
 
 def NonEmpty(item: Any) -> Any:
-    return Annotated[list[item], Field(min_length=1)]
+    words = next(m.text for m in reversed(typing.get_args(item)) if isinstance(m, Allowed))
+    return Annotated[list[item], Field(min_length=1),
+                     Allowed(f"a non-empty list, each entry {words}")]
+
+
+Bool = Annotated[bool, Allowed("true or false")]
+String = Annotated[str, Allowed("a string")]
 
 
 def _increasing_betas(betas: list[float]) -> list[float]:
@@ -105,8 +122,7 @@ Steps = Int(1, MAX_N_T, "more than a model's n_T means all n_T steps")
 FractionOfN_T = "a fraction of n_T: t = round(fraction * n_T)"
 Batch = Int(1, MAX_BATCH)
 LearningRate = Float("the optimiser's float32", gt=0, le=MAX_LR)
-ModelName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$"),
-                      Allowed("a model name: a lower-case letter, then letters, digits or _")]
+MODEL_NAME = r"[a-z][a-z0-9_]*"
 
 
 # ---------------------------------------------------------------- sections
@@ -119,7 +135,7 @@ class Section(BaseModel):
 class Data(Section):
     train_subset: Int(0, N_TRAIN, "0 = all")
     scale: Float("the models see images in [-scale, scale]", gt=0, le=10)
-    local_dir: str
+    local_dir: String
 
 
 def _multiples_of_8(widths: list[int]) -> list[int]:
@@ -146,14 +162,14 @@ class Net(Section):
     """``kind`` picks the network; ``hidden`` is the CNN's, ``channels``, ``blocks`` and
     ``attention`` the U-Net's; ``activation`` is both's."""
 
-    kind: Literal[NETWORKS]
+    kind: OneOf(NETWORKS)
     hidden: NonEmpty(Int(1, 1024))
     channels: Annotated[list[Int(8, 1024)], AfterValidator(_multiples_of_8), Allowed(
         "a list [c28, c14] or [c28, c14, c7] of multiples of 8 in [8, 1024]: the U-Net's "
         "widths at 28 x 28, 14 x 14 and 7 x 7 (GroupNorm in groups of 8)")]
     blocks: Int(1, 8)
-    attention: bool
-    activation: Literal[tuple(ACTIVATIONS)]
+    attention: Bool
+    activation: OneOf(tuple(ACTIVATIONS))
     classes: Annotated[int, AfterValidator(_one_of(CLASSES)), Allowed(
         "0 (unconditional) or 10 (conditioned on the digit)")]
 
@@ -162,8 +178,8 @@ class GaussianModel(Section):
     """A DDPM model: Gaussian noise on a linear schedule."""
 
     noise: Literal[GAUSSIAN]
-    schedule: Literal[SCHEDULES]
-    target: Literal[TARGETS]
+    schedule: OneOf(SCHEDULES)
+    target: OneOf(TARGETS)
     betas: Betas
     n_T: Int(1, MAX_N_T, "schedules grow with n_T")
 
@@ -184,7 +200,7 @@ class Train(Section):
     lr: LearningRate
     ema_decay: Float("0 = the raw weights", ge=0, lt=1)
     warmup: Int(0, 10**7, "steps of linear lr warm-up; 0 = none")
-    lr_schedule: Literal[LR_SCHEDULES]
+    lr_schedule: OneOf(LR_SCHEDULES)
     lr_floor: Float("the last step's lr as a fraction of lr", ge=0, le=1)
     min_snr_gamma: Float("0 = plain MSE", ge=0, le=1e4)
     ema_warmup: Float("K of min(ema_decay, (1 + step) / (K + step))", gt=1, le=1e4)
@@ -193,16 +209,16 @@ class Train(Section):
     grid_every: Int(1)
     grid_size: Int(1, 1024)
     holdout_subset: Int(0, N_TEST, "0 = all")
-    compile: bool
+    compile: Bool
 
 
 class Sample(Section):
     n_samples: Int(1, MAX_IMAGES)
-    sampler: Literal[SAMPLERS]
+    sampler: OneOf(SAMPLERS)
     steps: Steps
     eta: Float(ge=0, le=1)
-    clip_x0: bool
-    prior: Literal[PRIORS]
+    clip_x0: Bool
+    prior: OneOf(PRIORS)
     batch_size: Batch
     digits: Annotated[NonEmpty(Int(0, 9)), AfterValidator(_distinct), Allowed(
         "a non-empty list of distinct digits 0..9 (net.classes = 10: the digits asked for)")]
@@ -210,9 +226,7 @@ class Sample(Section):
 
 
 class Evaluate(Section):
-    n_samples: Annotated[int, Field(ge=MIN_METRIC_SAMPLES, description=(
-        "precision/recall with k = 3 needs more than 3 images")), UpTo(
-        "sample.n_samples", "evaluate scores the first evaluate.n_samples sampled images")]
+    n_samples: Annotated[int, Allowed(EVALUATE_N_SAMPLES.format(top="sample.n_samples", named=""))]
     psnr_t: NonEmpty(Float(FractionOfN_T, gt=0, le=1))
     batch_size: Batch
 
@@ -225,11 +239,11 @@ class Classifier(Section):
 
 class Sweep(Section):
     steps: NonEmpty(Steps)
-    samplers: NonEmpty(Literal[SAMPLERS])
+    samplers: NonEmpty(OneOf(SAMPLERS))
     n_samples: Int(MIN_METRIC_SAMPLES, MAX_IMAGES, "precision/recall with k = 3 needs more than 3 images")
     eta: Float(ge=0, le=1)
-    clip_x0: bool
-    prior: Literal[PRIORS]
+    clip_x0: Bool
+    prior: OneOf(PRIORS)
     batch_size: Batch
     guidance: Annotated[NonEmpty(Float(ge=0, le=100)), AfterValidator(_distinct), Allowed(
         "a non-empty list of distinct numbers in [0, 100]: classifier-free guidance weights w "
@@ -245,8 +259,8 @@ class Params(Section):
     """params.yaml without its model sections; ``schema`` adds one field per model."""
 
     seed: Int(0, 2**32 - 1)
-    precision: Literal[PRECISIONS]
-    models: Annotated[NonEmpty(ModelName), Allowed(
+    precision: OneOf(PRECISIONS)
+    models: Annotated[list[str], Allowed(
         "a non-empty list of distinct model names (a lower-case letter, then letters, digits "
         "or _; not the name of another section), each with a section of its own")]
     data: Data
@@ -264,8 +278,11 @@ class Params(Section):
         passed its own check. With a ``build_process`` in the validation context (``validate``),
         each model's schedule is built as training builds it: noise left at T, x0 recoverable,
         exact Gamma draws (``diffusion.process.NoiseProcess.check``)."""
-        if self.evaluate.n_samples > self.sample.n_samples:
-            raise PydanticCustomError("bound", "{key}", {"key": "evaluate.n_samples"})
+        n, top = self.evaluate.n_samples, self.sample.n_samples
+        if not MIN_METRIC_SAMPLES <= n <= top:  # checked here: its bound is another key
+            raise PydanticCustomError("bound", "evaluate.n_samples = {n} is not allowed: must be "
+                                      + EVALUATE_N_SAMPLES,
+                                      {"n": n, "top": top, "named": f"{top} = sample.n_samples: "})
         build_process = (info.context or {}).get("build_process")
         for model in self.models if build_process is not None else []:
             try:
@@ -283,60 +300,41 @@ def schema(models: list[str]) -> type[Params]:
 
 
 # ---------------------------------------------------------------- one-line errors
-def _parts(annotation: Any) -> tuple[Any, list[Any], list[str]]:
-    """(bare type, constraints, notes) of a possibly Annotated type."""
-    metadata, notes = [], []
-    while typing.get_origin(annotation) is Annotated:
-        annotation, *extra = typing.get_args(annotation)
-        for item in extra:
-            if isinstance(item, FieldInfo):
-                metadata += item.metadata
-                notes += [item.description] if item.description else []
-            else:
-                metadata.append(item)
-    return annotation, metadata, notes
+def _sections(annotation: Any) -> tuple[type[BaseModel], ...]:
+    """The section class(es) of a field: one, both noises' for a model section, none for a value."""
+    classes = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    return tuple(c for c in classes if isinstance(c, type) and issubclass(c, BaseModel))
 
 
-def _is_section(annotation: Any) -> bool:
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        return all(_is_section(arg) for arg in typing.get_args(annotation))
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+def _locate(model: type[BaseModel], loc: tuple) -> tuple[list[str], FieldInfo | None, tuple]:
+    """The params key a pydantic error location points into (the location runs on into list
+    indices and union tags): its path, its field, and the section class(es) that hold it (an
+    unknown key: no field, and the section(s) it was found in)."""
+    path: list[str] = []
+    field, holders = None, (model,)
+    for part in loc:
+        if not isinstance(part, str) or not holders:
+            break
+        tagged = [c for c in holders if len(holders) > 1
+                  and typing.get_args(c.model_fields["noise"].annotation) == (part,)]
+        if tagged:  # a union tag ("gamma"): the section of that noise
+            holders = tuple(tagged)
+            continue
+        path.append(part)
+        field = {name: info for cls in holders for name, info in cls.model_fields.items()}.get(part)
+        if field is None:
+            return path, None, holders
+        holders = _sections(field.annotation)
+    return path, field, holders
 
 
-def _describe(annotation: Any, metadata: list[Any], notes: list[str], raw: dict) -> str:
-    """The allowed values of a field in words, e.g. "an integer in [1, 100000] (0 = all)"."""
-    inner, more, more_notes = _parts(annotation)
-    metadata, notes = [*metadata, *more], [*notes, *more_notes]
-    if allowed := next((m.text for m in metadata if isinstance(m, Allowed)), None):
-        return allowed
-    if _is_section(inner):
-        classes = typing.get_args(inner) or (inner,)
-        keys = list(dict.fromkeys(key for cls in classes for key in cls.model_fields))
-        return f"a mapping with keys {', '.join(keys)}"
-    if typing.get_origin(inner) is Literal:
-        return "one of " + ", ".join(typing.get_args(inner))
-    if inner is bool:
-        return "true or false"
-    if inner is str:
-        return "a string"
-    if typing.get_origin(inner) is list:
-        (item,) = typing.get_args(inner)
-        return f"a non-empty list, each entry {_describe(item, [], [], raw)}"
-    bound = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in metadata
-             if isinstance(m, (annotated_types.Ge, annotated_types.Gt, annotated_types.Le,
-                               annotated_types.Lt))}
-    for up_to in (m for m in metadata if isinstance(m, UpTo)):
-        value = _value_at(raw, up_to.key.split("."))
-        if isinstance(value, int) and not isinstance(value, bool):
-            bound["le"] = value
-            notes.append(f"{value} = {up_to.key}: {up_to.why}")
-    lo, hi = bound.get("ge", bound.get("gt")), bound.get("le", bound.get("lt"))
-    text = "an integer" if inner is int else "a number"
-    if lo is not None and hi is not None:
-        text += f" in {'(' if 'gt' in bound else '['}{lo}, {hi}{')' if 'lt' in bound else ']'}"
-    elif lo is not None:
-        text += f" {'>' if 'gt' in bound else '>='} {lo}"
-    return f"{text} ({'; '.join(notes)})" if notes else text
+def _allowed(field: FieldInfo) -> str:
+    """A field's allowed values in words: its last ``Allowed``, or a section's keys."""
+    words = [m.text for m in field.metadata if isinstance(m, Allowed)]
+    if words:
+        return words[-1]
+    keys = dict.fromkeys(key for cls in _sections(field.annotation) for key in cls.model_fields)
+    return f"a mapping with keys {', '.join(keys)}"
 
 
 def _value_at(raw: Any, path: list) -> Any:
@@ -347,63 +345,23 @@ def _value_at(raw: Any, path: list) -> Any:
     return raw
 
 
-def _field_at(model: type[BaseModel], loc: tuple) -> tuple[list[str], Any, list[Any], list[str]]:
-    """The params key an error location points into (pydantic's loc runs on into list
-    indices and union tags): its path, and its annotation, constraints and notes."""
-    path: list[str] = []
-    annotation: Any = model
-    metadata: list[Any] = []
-    notes: list[str] = []
-    for part in loc:
-        inner = _parts(annotation)[0]
-        if not _is_section(inner) or not isinstance(part, str):
-            break
-        classes = typing.get_args(inner) or (inner,)
-        if path and len(classes) > 1:  # a union tag ("gamma"): the section of that noise
-            chosen = [cls for cls in classes if part in typing.get_args(cls.model_fields["noise"].annotation)]
-            if chosen:
-                annotation = chosen[0]
-                continue
-        fields = {name: info for cls in classes for name, info in cls.model_fields.items()}
-        if part not in fields:
-            path.append(part)
-            return path, None, [], []
-        info = fields[part]
-        path.append(part)
-        annotation = info.annotation
-        metadata, notes = list(info.metadata), [info.description] if info.description else []
-    return path, annotation, metadata, notes
-
-
-def _section_keys(model: type[BaseModel], path: list[str], raw: dict) -> list[str]:
-    """Dotted keys of the section that holds ``path`` (for "did you mean")."""
-    section = _field_at(model, tuple(path[:-1]))[1] if len(path) > 1 else model
-    inner = _parts(section)[0]
-    classes = typing.get_args(inner) or (inner,)
-    if len(classes) > 1:  # a model section: the keys of its noise, if it names one
-        noise = _value_at(raw, [*path[:-1], "noise"])
-        classes = [c for c in classes if noise in typing.get_args(c.model_fields["noise"].annotation)] or classes
-    prefix = ".".join(path[:-1])
-    return [f"{prefix}.{key}" if prefix else key for cls in classes for key in cls.model_fields]
-
-
 def _message(model: type[BaseModel], error: dict, raw: dict) -> str:
     """One line for one pydantic error, naming the key, its value and what is allowed."""
     kind = error["type"]
+    if kind == "bound":
+        return error["msg"]
     if kind == "schedule":
-        model_name = error["ctx"]["model"]
-        values = ", ".join(f"{model_name}.{key} = {value!r}" for key, value in raw[model_name].items())
+        name = error["ctx"]["model"]
+        values = ", ".join(f"{name}.{key} = {value!r}" for key, value in raw[name].items())
         return f"{values} is not allowed: {error['ctx']['why']}"
-    loc = tuple(error["ctx"]["key"].split(".")) if kind == "bound" else error["loc"]
-    path, annotation, metadata, notes = _field_at(model, loc)
+    path, field, holders = _locate(model, error["loc"])
     key = ".".join(path)
     if kind == "extra_forbidden":
-        siblings = _section_keys(model, path, raw)
-        other_noise = [cls for cls in (GaussianModel, GammaModel) if path[-1] in cls.model_fields]
-        if len(path) == 2 and path[0] in raw.get("models", []) and other_noise:
-            noise = typing.get_args(other_noise[-1].model_fields["noise"].annotation)[0]
-            return (f"unknown key {key} ({path[-1]} is a key of {noise} noise; {path[0]} has "
+        if len(path) == 2 and path[0] in raw.get("models", []) and path[1] in GammaModel.model_fields:
+            return (f"unknown key {key} ({path[1]} is a key of {GAMMA} noise; {path[0]} has "
                     f"noise: {_value_at(raw, [path[0], 'noise'])})")
+        prefix = "".join(f"{part}." for part in path[:-1])
+        siblings = [prefix + name for cls in holders for name in cls.model_fields]
         close = difflib.get_close_matches(key, siblings, n=1)
         return f"unknown key {key}" + (f" (did you mean {close[0]}?)" if close else "")
     if kind == "missing":
@@ -413,8 +371,7 @@ def _message(model: type[BaseModel], error: dict, raw: dict) -> str:
     if kind == "union_tag_invalid":
         return (f"{key}.noise = {_value_at(raw, [*path, 'noise'])!r} is not allowed: must be one "
                 f"of {GAUSSIAN}, {GAMMA}")
-    return (f"{key} = {_value_at(raw, path)!r} is not allowed: "
-            f"must be {_describe(annotation, metadata, notes, raw)}")
+    return f"{key} = {_value_at(raw, path)!r} is not allowed: must be {_allowed(field)}"
 
 
 def _model_names(params: dict) -> list[str]:
@@ -422,16 +379,11 @@ def _model_names(params: dict) -> list[str]:
     if "models" not in params:
         raise ParamsError(f"{PARAMS_FILE}: missing key models")
     names = params["models"]
-    _, annotation, metadata, notes = _field_at(Params, ("models",))
-    try:
-        create_model("Models", __base__=Section, models=(Params.model_fields["models"].annotation,
-                                                          Params.model_fields["models"]))(models=names)
-        bad = len(set(names)) != len(names) or bool(set(names) & set(Params.model_fields))
-    except ValidationError:
-        bad = True
-    if bad:
+    if not (isinstance(names, list) and names and len(set(map(str, names))) == len(names)
+            and all(isinstance(n, str) and re.fullmatch(MODEL_NAME, n)
+                    and n not in Params.model_fields for n in names)):
         raise ParamsError(f"{PARAMS_FILE}: models = {names!r} is not allowed: must be "
-                          f"{_describe(annotation, metadata, notes, params)}")
+                          f"{_allowed(Params.model_fields['models'])}")
     return names
 
 
@@ -515,7 +467,8 @@ def read_yaml(path: Path) -> Any:
 def stage_keys(root: Path) -> dict[str, list[str]]:
     """Each stage of ``root``'s dvc.yaml, named as ``dvc stage list`` prints it, with the
     params.yaml keys it declares, as DVC itself resolves them (``foreach`` expanded, ``${item}``
-    filled in). DVC reads only the project's own files here: nothing is fetched (0.4 s)."""
+    filled in). DVC reads only the project's own files here: nothing is fetched. (0.20 s;
+    ``dvc.api.params_show(stages=...)`` takes 0.41 s: medians of 5 on a 2-core AMD EPYC.)"""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
