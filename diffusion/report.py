@@ -251,9 +251,10 @@ def markdown_report(table: Table, rows: dict[str, str], steps: list[int], floor:
                     n_samples: int, device: str) -> str:
     """``table.md``: the FID table, what it was measured on, the conditional accuracy (of
     conditional models) and the sampling times."""
-    conditional = [c for c in rows if any(CONDITIONAL_ACCURACY in cell for cell in table.get(c, {}).values())]
+    conditional = {c: name for c, name in rows.items()
+                   if any(CONDITIONAL_ACCURACY in cell for cell in table.get(c, {}).values())}
     accuracy = (f"## Conditional accuracy\n\n"
-                f"{markdown_table(table, {c: rows[c] for c in conditional}, steps, CONDITIONAL_ACCURACY, 3)}\n"
+                f"{markdown_table(table, conditional, steps, CONDITIONAL_ACCURACY, 3)}\n"
                 "The fraction of the images the MNIST classifier reads as the digit asked for.\n\n"
                 if conditional else "")
     return (f"# FID against sampling steps\n\n{markdown_table(table, rows, steps)}\n"

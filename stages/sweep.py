@@ -68,9 +68,10 @@ def main() -> None:
 
         def on_cell(column: str, count: int, cell: dict[str, float]) -> None:
             accuracy = cell.get(CONDITIONAL_ACCURACY)
-            run.log_metrics({f"fid_{column}": cell["fid"]}  # FID against steps
-                            | ({f"{CONDITIONAL_ACCURACY}_{column}": accuracy} if accuracy is not None else {}),
-                            step=count)
+            metrics = {f"fid_{column}": cell["fid"]}  # FID against steps
+            if accuracy is not None:
+                metrics[f"{CONDITIONAL_ACCURACY}_{column}"] = accuracy
+            run.log_metrics(metrics, step=count)
             print(f"sweep: {column:16s} {count:5d} steps  FID {cell['fid']:8.2f}  "
                   + (f"accuracy {accuracy:.3f}  " if accuracy is not None else "")
                   + f"{cell['seconds']:7.1f} s", flush=True)
