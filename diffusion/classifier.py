@@ -131,8 +131,7 @@ def train_classifier(
     lr: float,
     seed: int,
     device: torch.device,
-    log: Callable[[str], None] | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    report: Callable[[int, dict[str, float]], None] | None = None,
 ) -> MnistClassifier:
     """Train a ``MnistClassifier`` with Adam and cross-entropy; return it in eval mode.
 
@@ -142,7 +141,7 @@ def train_classifier(
     rate starts at ``lr`` and follows a cosine decay to 0 over all steps (Loshchilov &
     Hutter, 2017, SGDR, without restarts). Dropout draws from the global generator, which
     is forked and seeded with ``seed`` so training on the CPU is deterministic given the
-    seed and the caller's random state is left unchanged. ``on_epoch(epoch, {"train_loss",
+    seed and the caller's random state is left unchanged. ``report(epoch, {"train_loss",
     "train_accuracy", "seconds"})`` sees each epoch's figures.
     """
     if images.dtype != torch.uint8 or images.dim() != 3:
@@ -164,7 +163,7 @@ def train_classifier(
     with torch.random.fork_rng(devices=forked_devices):
         torch.manual_seed(seed)
         _train_epochs(model, optimizer, schedule, images, labels, shuffle_generator, epochs,
-                      batch_size, log, on_epoch)
+                      batch_size, report)
     return model.eval()
 
 
@@ -177,8 +176,7 @@ def _train_epochs(
     shuffle_generator: torch.Generator,
     epochs: int,
     batch_size: int,
-    log: Callable[[str], None] | None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None,
+    report: Callable[[int, dict[str, float]], None] | None,
 ) -> None:
     device, n = images.device, images.shape[0]
     for epoch in range(1, epochs + 1):
@@ -200,13 +198,8 @@ def _train_epochs(
             correct += (logits.argmax(dim=1) == labels[batch]).sum()
         figures = {"train_loss": loss_sum.item() / n, "train_accuracy": correct.item() / n,
                    "seconds": time.perf_counter() - start}
-        if log is not None:
-            log(
-                f"classifier epoch {epoch}/{epochs}: loss {figures['train_loss']:.4f}, "
-                f"train acc {figures['train_accuracy']:.4f}, {figures['seconds']:.1f}s"
-            )
-        if on_epoch is not None:
-            on_epoch(epoch, figures)
+        if report is not None:
+            report(epoch, figures)
 
 
 @torch.no_grad()

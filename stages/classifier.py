@@ -30,7 +30,9 @@ def main() -> None:
     log_mnist(run, train=True, used=0, context="training")
     log_mnist(run, train=False, used=0, context="evaluation")
 
-    def on_epoch(epoch: int, figures: dict[str, float]) -> None:
+    def report(epoch: int, figures: dict[str, float]) -> None:
+        print(f"classifier epoch {epoch}/{settings.epochs}: loss {figures['train_loss']:.4f}, "
+              f"train acc {figures['train_accuracy']:.4f}, {figures['seconds']:.1f}s", flush=True)
         # cross_entropy, not train_loss: that name is the diffusion models' denoising loss
         run.log_metrics({"cross_entropy": figures["train_loss"],
                          "train_accuracy": figures["train_accuracy"]}, step=epoch)
@@ -39,8 +41,7 @@ def main() -> None:
     with run.system_metrics():
         classifier = train_classifier(train_images, train_labels, epochs=settings.epochs,
                                       batch_size=settings.batch_size, lr=settings.lr,
-                                      seed=params.seed, device=device, log=print,
-                                      on_epoch=on_epoch)
+                                      seed=params.seed, device=device, report=report)
         accuracy = evaluate_accuracy(classifier, test_images, test_labels)
     seconds = time.perf_counter() - started
 

@@ -55,12 +55,13 @@ def test_forward_and_features_shapes() -> None:
 def test_training_is_deterministic_and_learns() -> None:
     images, labels = random_digits(600, seed=1)
     settings = dict(epochs=2, batch_size=64, lr=1e-3, seed=7, device=torch.device("cpu"))
-    messages: list[str] = []
+    reported: list[tuple[int, dict]] = []
     global_state = torch.get_rng_state()
-    first = train_classifier(images, labels, log=messages.append, **settings)
+    first = train_classifier(images, labels, report=lambda *epoch: reported.append(epoch), **settings)
     assert torch.equal(torch.get_rng_state(), global_state)  # caller's random state untouched
     second = train_classifier(images, labels, **settings)
-    assert len(messages) == 2 and "epoch 2/2" in messages[-1]
+    assert [epoch for epoch, _ in reported] == [1, 2]
+    assert set(reported[-1][1]) == {"train_loss", "train_accuracy", "seconds"}
     assert not first.training
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
