@@ -38,52 +38,48 @@ def main() -> None:
     if missing:
         fail(f"missing {', '.join(missing)}: run `dvc repro` for the stages that make them")
 
-    run = open_run("sweep")
-    try:
-        models = {m: load_or_exit(load, model_file(m), precision=params.precision)
-                  for m in names}
-        device = next(iter(models.values())).device
-        precision = resolve_precision(params.precision, device)
-        run.log_params({"seed": seed, "models": names, "sweep": settings.as_dict(),
-                        "precision": params.precision, "precision_resolved": precision})
-        for name, model in models.items():
-            if not model.classes and any(settings.guidance):
-                fail(f"sweep.guidance = {settings.guidance} is not allowed for {name}: it is "
-                     "unconditional (trained with net.classes = 0); use [0.0], or train with "
-                     "net.classes = 10", status=2)
-            if max(settings.steps) > model.process.n_T:
-                print(f"sweep: step counts above {name}'s n_T = {model.process.n_T} are run as "
-                      f"{model.process.n_T} steps", file=sys.stderr)
-        test_images = mnist_reference(device, train=False, n=n, seed=seed)
-        train_images = mnist_reference(device, train=True, n=n, seed=seed)
-        if min(len(test_images), len(train_images)) < n:
-            fail(f"sweep.n_samples = {n} but {RAW_DIR} holds only {len(test_images)} test and "
-                 f"{len(train_images)} training images: lower sweep.n_samples", status=2)
-        classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, device)
-        reference = Reference.of(classifier, test_images, train_images, seed=seed,
-                                 batch_size=batch_size)
-        floor = {k: reference.floor[k] for k in SCORES}
-        # sweep_floor_fid: the floor at sweep.n_samples (evaluate's floor_fid is at its own count)
-        run.log_metrics({"sweep_floor_fid": floor["fid"]})
+    run = open_run("sweep")  # a failure below ends it FAILED (stage_main)
+    models = {m: load_or_exit(load, model_file(m), precision=params.precision)
+              for m in names}
+    device = next(iter(models.values())).device
+    precision = resolve_precision(params.precision, device)
+    run.log_params({"seed": seed, "models": names, "sweep": settings.as_dict(),
+                    "precision": params.precision, "precision_resolved": precision})
+    for name, model in models.items():
+        if not model.classes and any(settings.guidance):
+            fail(f"sweep.guidance = {settings.guidance} is not allowed for {name}: it is "
+                 "unconditional (trained with net.classes = 0); use [0.0], or train with "
+                 "net.classes = 10", status=2)
+        if max(settings.steps) > model.process.n_T:
+            print(f"sweep: step counts above {name}'s n_T = {model.process.n_T} are run as "
+                  f"{model.process.n_T} steps", file=sys.stderr)
+    test_images = mnist_reference(device, train=False, n=n, seed=seed)
+    train_images = mnist_reference(device, train=True, n=n, seed=seed)
+    if min(len(test_images), len(train_images)) < n:
+        fail(f"sweep.n_samples = {n} but {RAW_DIR} holds only {len(test_images)} test and "
+             f"{len(train_images)} training images: lower sweep.n_samples", status=2)
+    classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, device)
+    reference = Reference.of(classifier, test_images, train_images, seed=seed,
+                             batch_size=batch_size)
+    floor = {k: reference.floor[k] for k in SCORES}
+    # sweep_floor_fid: the floor at sweep.n_samples (evaluate's floor_fid is at its own count)
+    run.log_metrics({"sweep_floor_fid": floor["fid"]})
 
-        def on_cell(column: str, count: int, cell: dict[str, float]) -> None:
-            accuracy = cell.get(CONDITIONAL_ACCURACY)
-            metrics = {f"fid_{column}": cell["fid"]}  # FID against steps
-            if accuracy is not None:
-                metrics[f"{CONDITIONAL_ACCURACY}_{column}"] = accuracy
-            run.log_metrics(metrics, step=count)
-            print(f"sweep: {column:16s} {count:5d} steps  FID {cell['fid']:8.2f}  "
-                  + (f"accuracy {accuracy:.3f}  " if accuracy is not None else "")
-                  + f"{cell['seconds']:7.1f} s", flush=True)
+    def on_cell(column: str, count: int, cell: dict[str, float]) -> None:
+        accuracy = cell.get(CONDITIONAL_ACCURACY)
+        metrics = {f"fid_{column}": cell["fid"]}  # FID against steps
+        if accuracy is not None:
+            metrics[f"{CONDITIONAL_ACCURACY}_{column}"] = accuracy
+        run.log_metrics(metrics, step=count)
+        print(f"sweep: {column:16s} {count:5d} steps  FID {cell['fid']:8.2f}  "
+              + (f"accuracy {accuracy:.3f}  " if accuracy is not None else "")
+              + f"{cell['seconds']:7.1f} s", flush=True)
 
-        with run.system_metrics():
-            table = sweep(models, reference, steps=settings.steps,
-                          samplers=settings.samplers, n=n, eta=eta,
-                          clip_x0=settings.clip_x0, prior=settings.prior, seed=seed,
-                          batch_size=batch_size, guidance=settings.guidance, on_cell=on_cell)
-    except BaseException:  # the run is marked failed, also on a clean exit by fail()
-        run.finish("FAILED")
-        raise
+    with run.system_metrics():
+        table = sweep(models, reference, steps=settings.steps,
+                      samplers=settings.samplers, n=n, eta=eta,
+                      clip_x0=settings.clip_x0, prior=settings.prior, seed=seed,
+                      batch_size=batch_size, guidance=settings.guidance, on_cell=on_cell)
 
     rows = {column(m, s, w): report.label(m, models[m].process.name, s, eta, settings.clip_x0, w)
             for s in settings.samplers for m in models for w in settings.guidance}  # paper order

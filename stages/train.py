@@ -85,9 +85,8 @@ def main() -> None:
         try:
             state = loop.run(train_images, test_images, report=report,
                              train_labels=train_labels, test_labels=test_labels)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # stage_main ends the run KILLED, a failure FAILED
             progress.close()
-            run.finish("KILLED")
             # The interrupt may land between an epoch's end and its checkpoint: say the file's epoch.
             if saved := checkpoint.saved_epoch():
                 fail(f"{stage} interrupted; its state after epoch {saved} is saved in "
@@ -96,7 +95,6 @@ def main() -> None:
                  f"`dvc repro {stage}` starts it again.", status=130)
         except NonFiniteLossError as error:
             progress.close()
-            run.finish("FAILED")
             fail(f"{stage}: {error}")
         progress.close()
         if world.is_main:  # rank 0 writes the outputs

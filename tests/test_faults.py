@@ -169,6 +169,11 @@ def test_ctrl_c_saves_exits_130_with_resume_hint_and_rerun_resumes(tmp_path, ref
     assert "interrupted" in line and "after epoch 1" in line and str(checkpoint) in line
     assert "dvc repro train@ddgm" in line
     assert load_torch(checkpoint)["epoch"] == 1
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-diffusion").experiment_id
+    assert [run.info.status for run in client.search_runs([experiment])] == ["KILLED"]
 
     rerun = run_stage(root, "train", "ddgm")
     assert rerun.returncode == 0, rerun.stderr
@@ -176,10 +181,7 @@ def test_ctrl_c_saves_exits_130_with_resume_hint_and_rerun_resumes(tmp_path, ref
     assert_same_model(root / "models/ddgm/model.pt", reference / "models/ddgm/model.pt")
     assert loss_rows(root) == loss_rows(reference)
     # The interrupted run is reopened, not duplicated, and ends FINISHED.
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("mnist-diffusion").experiment_id])
+    runs = client.search_runs([experiment])
     assert [run.info.status for run in runs] == ["FINISHED"]
     assert runs[0].data.tags["model_file_sha256"] == file_digest(root / "models/ddgm/model.pt")
 
