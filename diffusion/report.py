@@ -76,7 +76,7 @@ def samples_figure(samples: dict[str, np.ndarray], shown: int = 64) -> Figure:
     fig = Figure(figsize=(4.2 * len(samples), 4.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(samples)))
     for ax, (name, images) in zip(axes, samples.items()):
-        first = torch.from_numpy(np.asarray(images[:shown]))
+        first = torch.from_numpy(np.array(images[:shown]))  # a writable copy
         ax.imshow(grid_image(first).numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{name.upper()}: first {len(first)} of {len(images)} samples")
         ax.axis("off")

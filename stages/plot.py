@@ -72,7 +72,8 @@ def main() -> None:
     models = {m: load_or_exit(load, model_file(m), precision=params.precision) for m in names}
     classifier = load_or_exit(load_classifier, CLASSIFIER_FILE, next(iter(models.values())).device)
     logs = {m: read_log(train_dir(m) / "log.csv") for m in names}
-    samples = {m: np.asarray(samples_or_exit(samples_file(m))) for m in names}
+    # read into memory (the file is mapped read-only, which torch.from_numpy warns of)
+    samples = {m: np.array(samples_or_exit(samples_file(m))) for m in names}
     metrics = {m: read_metrics(evaluate_dir(m)) for m in names}
     too_few = {m: len(images) for m, images in samples.items() if len(images) < MEMORISATION_ROWS}
     if too_few:
