@@ -96,8 +96,9 @@ def Float(note: str | None = None, **bounds: float) -> Any:
                      _in_words("a number", note, **bounds)]
 
 
-def OneOf(values: tuple[str, ...]) -> Any:
-    return Annotated[Literal[values], Allowed("one of " + ", ".join(values))]
+def OneOf(values: tuple) -> Any:
+    """One of ``values`` (a Literal), said as "one of a, b"."""
+    return Annotated[Literal[values], Allowed("one of " + ", ".join(map(str, values)))]
 
 
 def NonEmpty(item: Any) -> Any:
@@ -144,14 +145,6 @@ def _multiples_of_8(widths: list[int]) -> list[int]:
     return widths
 
 
-def _one_of(allowed: tuple) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if value not in allowed:
-            raise ValueError("not allowed")
-        return value
-    return check
-
-
 def _distinct(values: list) -> list:
     if len(set(values)) != len(values):
         raise ValueError("repeated")
@@ -170,7 +163,7 @@ class Net(Section):
     blocks: Int(1, 8)
     attention: Bool
     activation: OneOf(tuple(ACTIVATIONS))
-    classes: Annotated[int, AfterValidator(_one_of(CLASSES)), Allowed(
+    classes: Annotated[OneOf(CLASSES), Allowed(
         "0 (unconditional) or 10 (conditioned on the digit)")]
 
 
