@@ -35,8 +35,8 @@ from diffusion.model import DiffusionModel, load, save_model
 from diffusion.network import make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.training import TrainConfig, make_state, train
-from stages.params import ParamsError
-from stages.paths import CLASSIFIER_FILE, RAW_DIR
+from pipeline.params import ParamsError
+from pipeline.paths import CLASSIFIER_FILE, RAW_DIR
 from tools.quick import apply
 
 

@@ -44,8 +44,8 @@ from diffusion.options import PRECISIONS, SAMPLERS
 from diffusion.process import make_process
 from diffusion.training import TrainConfig, TrainState, ema_update, make_state, train
 from benchmarks.speed import device_name
-from stages.params import ParamsError
-from stages.paths import CLASSIFIER_FILE, RAW_DIR
+from pipeline.params import ParamsError
+from pipeline.paths import CLASSIFIER_FILE, RAW_DIR
 from tools.quick import apply
 
 KEPT = tuple(score for score in HEADLINE_SCORES if score != "inception_score")

@@ -43,7 +43,7 @@ from diffusion.network import NATIVE_BF16_CPU_FEATURES, PRECISIONS, DenoiserCNN,
 from diffusion.process import GaussianProcess
 from diffusion.sampling import sample
 from diffusion.training import TrainConfig, make_state, train
-from stages.params import PARAMS_FILE, read_yaml
+from pipeline.params import PARAMS_FILE, read_yaml
 
 BETAS = (1e-4, 0.02)
 N_T = 1000

@@ -3,7 +3,7 @@
 The pipeline reads MNIST from ``data/MNIST/raw`` (the folder that
 ``torchvision.datasets.MNIST(root="data", download=False)`` reads): the four official
 uncompressed IDX files, which ``verify_mnist`` checks against their MD5s. Fetching them is the
-download stage's business (``stages/mnist_sources.py``).
+download stage's business (``pipeline/mnist_sources.py``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The modules that implement a choice import its names from here (``network``: networks,
 activations and precisions; ``process``: noises, schedules and targets; ``sampling``: samplers
-and priors; ``training``: learning-rate schedules), and ``stages.params`` validates params.yaml
+and priors; ``training``: learning-rate schedules), and ``pipeline.params`` validates params.yaml
 against them without importing torch or any of those modules.
 """
 

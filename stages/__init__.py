@@ -1,1 +1,2 @@
-"""The DVC stages: one module per stage of dvc.yaml, plus what they share (common, params, tracking, mnist_sources)."""
+"""The DVC stages: one module per stage of dvc.yaml (``python -m stages.<name>``); what they
+share is in the ``pipeline`` package."""

@@ -11,9 +11,9 @@ import time
 from diffusion.classifier import evaluate_accuracy, save_classifier, train_classifier
 from diffusion.io import save_json
 from diffusion.data import default_device
-from stages.common import log_mnist, mnist_on, open_run, stage_main
-from stages.params import load_params_or_exit
-from stages.paths import CLASSIFIER_FILE, CLASSIFIER_RESULTS
+from pipeline.common import log_mnist, mnist_on, open_run, stage_main
+from pipeline.params import load_params_or_exit
+from pipeline.paths import CLASSIFIER_FILE, CLASSIFIER_RESULTS
 
 
 @stage_main

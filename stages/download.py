@@ -2,7 +2,7 @@
 
 Run from the repository root as ``python -m stages.download``. Reads the param
 ``data.local_dir`` ("" = no local folder; a relative path is relative to the
-repository root) and calls :func:`stages.mnist_sources.fetch_mnist`. If no source
+repository root) and calls :func:`pipeline.mnist_sources.fetch_mnist`. If no source
 can provide the files it prints ``error: <one line>`` to stderr and exits 1.
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusion.mnist import MNIST_FILES
-from stages.common import fail, stage_main
-from stages.mnist_sources import MnistUnavailableError, fetch_mnist
-from stages.params import load_params_or_exit
-from stages.paths import RAW_DIR
+from pipeline.common import fail, stage_main
+from pipeline.mnist_sources import MnistUnavailableError, fetch_mnist
+from pipeline.params import load_params_or_exit
+from pipeline.paths import RAW_DIR
 
 
 @stage_main

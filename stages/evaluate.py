@@ -30,10 +30,10 @@ from diffusion.evaluation import Reference, evaluate_model, split_headline
 from diffusion.io import save_json
 from diffusion.model import load
 from diffusion.network import resolve_precision
-from stages.common import (fail, load_or_exit, log_mnist, mnist_reference, model_argument,
+from pipeline.common import (fail, load_or_exit, log_mnist, mnist_reference, model_argument,
                            mlflow_scores, open_run, samples_or_exit, stage_main)
-from stages.params import load_params_or_exit
-from stages.paths import (CLASSIFIER_FILE, evaluate_dir, labels_file, model_file, sample_dir,
+from pipeline.params import load_params_or_exit
+from pipeline.paths import (CLASSIFIER_FILE, evaluate_dir, labels_file, model_file, sample_dir,
                           samples_file)
 
 

@@ -28,10 +28,10 @@ from diffusion.report import (class_balance_figure, degradation_figure, loss_fig
                               memorisation_figure, model_label, precision_recall_figure,
                               samples_figure, save_figure, trajectories_figure)
 from diffusion.metrics import CLASS_FRACTIONS
-from stages.common import (fail, load_or_exit, mnist_reference, open_run, samples_or_exit,
+from pipeline.common import (fail, load_or_exit, mnist_reference, open_run, samples_or_exit,
                            stage_main)
-from stages.params import load_params_or_exit
-from stages.paths import (CLASSIFIER_FILE, PLOT_DIR, RAW_DIR, evaluate_dir, model_file,
+from pipeline.params import load_params_or_exit
+from pipeline.paths import (CLASSIFIER_FILE, PLOT_DIR, RAW_DIR, evaluate_dir, model_file,
                           samples_file, train_dir)
 
 TRAJECTORIES, TRAJECTORY_POINTS = 4, 8

@@ -16,9 +16,9 @@ from diffusion.io import save_array
 from diffusion.model import load
 from diffusion.network import resolve_precision
 from diffusion.sampling import steps_within
-from stages.common import fail, load_or_exit, model_argument, open_run, stage_main, warn
-from stages.params import load_params_or_exit
-from stages.paths import labels_file, model_file, sample_dir, samples_file
+from pipeline.common import fail, load_or_exit, model_argument, open_run, stage_main, warn
+from pipeline.params import load_params_or_exit
+from pipeline.paths import labels_file, model_file, sample_dir, samples_file
 
 GRID_IMAGES = 64
 

@@ -23,9 +23,9 @@ from diffusion.io import save_json, save_text
 from diffusion.metrics import CONDITIONAL_ACCURACY, SCORES
 from diffusion.model import load
 from diffusion.network import resolve_precision
-from stages.common import fail, load_or_exit, mnist_reference, open_run, stage_main
-from stages.params import load_params_or_exit
-from stages.paths import CLASSIFIER_FILE, RAW_DIR, SWEEP_DIR, model_file
+from pipeline.common import fail, load_or_exit, mnist_reference, open_run, stage_main
+from pipeline.params import load_params_or_exit
+from pipeline.paths import CLASSIFIER_FILE, RAW_DIR, SWEEP_DIR, model_file
 
 
 @stage_main

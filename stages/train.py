@@ -21,11 +21,11 @@ from diffusion.model import load, save_model
 from diffusion.network import make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.training import Checkpoint, EpochRecord, NonFiniteLossError, TrainConfig, TrainLoop
-from stages.common import (EpochProgress, Silent, fail, log_mnist, mnist_on, model_argument,
+from pipeline.common import (EpochProgress, Silent, fail, log_mnist, mnist_on, model_argument,
                            open_run, stage_main, warn)
-from stages.params import load_params_or_exit
-from stages.paths import RAW_DIR, RESUME_DIR, model_file, train_dir
-from stages.store import repo_root
+from pipeline.params import load_params_or_exit
+from pipeline.paths import RAW_DIR, RESUME_DIR, model_file, train_dir
+from pipeline.store import repo_root
 
 
 def checkpoint_for(stage: str, params: dict) -> Checkpoint:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from diffusion.mnist import verify_mnist
-from stages.mnist_sources import fetch_mnist
+from pipeline.mnist_sources import fetch_mnist
 from tests.helpers import REPO
 
 

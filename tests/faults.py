@@ -138,7 +138,7 @@ def tree(root: Path) -> dict[str, str]:
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if path.is_file() and rel.parts[0] not in ("diffusion", "stages") and rel.name != "params.yaml":
+        if path.is_file() and rel.parts[0] not in ("diffusion", "pipeline", "stages") and rel.name != "params.yaml":
             out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 

@@ -70,7 +70,7 @@ def make_scratch_repo(root: Path, params: dict | None = None, mnist_dir: Path | 
     ``mnist_dir`` holds real MNIST files to place in data/MNIST/raw; None writes synthetic ones.
     """
     root.mkdir(parents=True, exist_ok=True)
-    for folder in ("diffusion", "stages"):
+    for folder in ("diffusion", "pipeline", "stages"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)

@@ -121,7 +121,7 @@ LOAD_IN_FRESH_INTERPRETER = textwrap.dedent("""
 @pytest.mark.slow  # loads in a fresh interpreter
 def test_mlflow_pytorch_round_trip(tmp_path: Path, monkeypatch):
     """The train stage's MLflow model loads in a fresh interpreter and samples identically."""
-    from stages.tracking import Run
+    from pipeline.tracking import Run
 
     process = GammaProcess((1e-4, 0.02), N_T, 0.001)
     model_file = write_model(tmp_path / "models" / "ddgm" / "model.pt", process)
@@ -165,7 +165,7 @@ def test_mlflow_pytorch_round_trip(tmp_path: Path, monkeypatch):
 
 
 def test_log_pytorch_model_failure_does_not_raise(tmp_path: Path, monkeypatch, capsys):
-    from stages.tracking import Run
+    from pipeline.tracking import Run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))

@@ -118,7 +118,7 @@ def test_guidance_benchmark_scores_every_weight_and_draws_a_row_per_digit(tmp_pa
 
     from diffusion.classifier import _build_model, save_classifier
 
-    for folder in ("diffusion", "stages", "benchmarks", "tools"):
+    for folder in ("diffusion", "pipeline", "stages", "benchmarks", "tools"):
         (tmp_path / folder).symlink_to(REPO / folder)
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     write_synthetic_mnist(tmp_path / "data" / "MNIST" / "raw")

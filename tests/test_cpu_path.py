@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tools import estimate, quick
-from stages.params import ParamsError, validate
+from pipeline.params import ParamsError, validate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("diffusion", "stages")
+PACKAGES = ("diffusion", "pipeline", "stages")
 
 
 def module_file(name: str, root: Path = REPO) -> Path | None:
@@ -99,7 +99,7 @@ def test_stages_declare_no_code_they_do_not_run():
         assert sorted(set(code) - import_closure(module)) == [], stage
 
 
-@pytest.mark.parametrize("dropped", ["stages/common.py", "diffusion/process.py", "stages/params.py"])
+@pytest.mark.parametrize("dropped", ["pipeline/common.py", "diffusion/process.py", "pipeline/params.py"])
 def test_a_removed_dep_is_reported(dropped):
     broken = yaml.safe_load((REPO / "dvc.yaml").read_text())
     broken["stages"]["evaluate"]["do"]["deps"].remove(dropped)

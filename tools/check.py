@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from diffusion.process import make_process
-from stages.params import PARAMS_FILE, ParamsError, checked, read_yaml, select, stage_keys
+from pipeline.params import PARAMS_FILE, ParamsError, checked, read_yaml, select, stage_keys
 
 
 def main(root: Path | None = None) -> None:

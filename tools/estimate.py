@@ -27,7 +27,7 @@ from diffusion.mnist import N_TEST, N_TRAIN
 from diffusion.network import autocast, make_network, resolve_precision
 from diffusion.process import make_process
 from diffusion.training import TrainConfig, denoising_loss, make_state
-from stages.params import PARAMS_FILE, ParamsError, read_yaml, validate
+from pipeline.params import PARAMS_FILE, ParamsError, read_yaml, validate
 from tools import quick
 
 WAIT_S = 10

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from diffusion.process import make_process
-from stages.params import PARAMS_FILE, ParamsError, read_yaml, validate
+from pipeline.params import PARAMS_FILE, ParamsError, read_yaml, validate
 
 
 def read_overrides(path: Path) -> dict:

@@ -10,7 +10,7 @@ the UI's curves), ``log_image`` (with a step: the UI's image slider), ``log_tabl
 runs), ``log_pytorch_model`` (the flavour, the registry and its ``newest`` alias) and
 ``finish``. A store that cannot be opened stops the stage in one line; after that, a failure
 to log warns once and the stage goes on: its DVC outputs matter more than their record.
-Opening the store safely (creation, locks, dead processes' runs) is ``stages.store``'s work.
+Opening the store safely (creation, locks, dead processes' runs) is ``pipeline.store``'s work.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from stages import store
-from stages.store import TrackingUnavailableError, repo_root, tracking_uri  # noqa: F401 (re-exported)
+from pipeline import store
+from pipeline.store import TrackingUnavailableError, repo_root, tracking_uri  # noqa: F401 (re-exported)
 
 EXPERIMENT = "mnist-diffusion"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"

@@ -28,8 +28,8 @@ from diffusion.mnist import (
     md5_file,
     random_subset,
 )
-from stages.paths import RAW_DIR
-from stages.tracking import Run, TrackingUnavailableError, finish_open_runs
+from pipeline.paths import RAW_DIR
+from pipeline.tracking import Run, TrackingUnavailableError, finish_open_runs
 
 Loaded = TypeVar("Loaded")
 
@@ -43,7 +43,7 @@ def model_argument(stage: str) -> str:
 
 
 def open_run(stage: str, model: str | None = None, **kwargs) -> Run:
-    """The stage's MLflow run (``stages.tracking.Run``; ``parent_model_file``, ``run_id``), or
+    """The stage's MLflow run (``pipeline.tracking.Run``; ``parent_model_file``, ``run_id``), or
     one line and exit 1 when the store cannot be opened."""
     try:
         return Run(stage, model, **kwargs)

@@ -1,6 +1,6 @@
 """The MLflow store under the stages' runs, made to survive what happens to a shared machine.
 
-``stages.tracking`` logs; this module makes opening the store safe:
+``pipeline.tracking`` logs; this module makes opening the store safe:
 - which store (``tracking_uri``: ``MLFLOW_TRACKING_URI``, else SQLite at the repo root, also
   from DVC's temporary experiment copies) and a fast, one-line failure for a server nobody
   answers at (``check_reachable``);
