@@ -31,7 +31,8 @@ def run_label(run: dict) -> str:
 
 def sampler_label(row: dict) -> str:
     return (f"{row['sampler']} {row['steps']}" + (", x0 clipped" if row["clip_x0"] else "")
-            + (", from eps_T" if row.get("prior") == "unit" else ""))
+            + (", from eps_T" if row.get("prior") == "unit" else "")
+            + (f", eta {row['eta']:g}" if row.get("eta") else ""))
 
 
 def ema_rows(run: dict) -> list[dict]:

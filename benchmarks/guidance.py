@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.quality import KEPT, override, sampler_option
+from benchmarks.quality import KEPT, SamplerChoice, override, sampler_option
 from benchmarks.speed import device_name
 from diffusion.classifier import load_classifier
 from diffusion.data import save_grid
@@ -88,7 +88,8 @@ def main() -> None:
     parser.add_argument("--from", dest="model_file", type=Path, default=None,
                         help="score this model file's EMA weights; train nothing")
     parser.add_argument("--guidance", default="0,0.5,1,2,4", help="comma-separated weights w >= 0")
-    parser.add_argument("--sampler", type=sampler_option, default=("ancestral", 100, True, "exact"))
+    parser.add_argument("--sampler", type=sampler_option,
+                        default=SamplerChoice("ancestral", 100, True, "exact"))
     parser.add_argument("--n-samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, required=True)
@@ -113,11 +114,11 @@ def main() -> None:
         classifier, random_subset(load_mnist(RAW_DIR, train=False)[0], args.n_samples, args.seed),
         random_subset(load_mnist(RAW_DIR, train=True)[0], args.n_samples, args.seed),
         seed=args.seed)
-    name, steps, clip, prior = args.sampler
+    name, steps, clip, prior, eta = args.sampler
     rows = []
     for weight in weights:
         started = time.perf_counter()
-        images = model.sample(args.n_samples, steps=steps, sampler=name, eta=0.0, seed=args.seed,
+        images = model.sample(args.n_samples, steps=steps, sampler=name, eta=eta, seed=args.seed,
                               batch_size=500, clip_x0=clip, prior=prior, digit=list(range(10)),
                               guidance=weight)
         seconds = time.perf_counter() - started
@@ -128,11 +129,12 @@ def main() -> None:
               f"FID {quality['fid']:.2f} (floor {reference.floor['fid']:.2f}), class TV "
               f"{quality['class_tv']:.3f}, {seconds:.0f} s", flush=True)
         if args.grids:  # row d holds ten draws of digit d
-            grid = model.sample(100, steps=steps, sampler=name, eta=0.0, seed=args.seed,
+            grid = model.sample(100, steps=steps, sampler=name, eta=eta, seed=args.seed,
                                 clip_x0=clip, prior=prior, digit=[d for d in range(10) for _ in range(10)],
                                 guidance=weight)
             save_grid(grid, args.grids / f"{args.model}_w{weight:g}.png", nrow=10)
-    save_json({"model": args.model, **run, "sampler": f"{name}:{steps}{':clip' if clip else ''}",
+    sampler = f"{name}:{steps}{':clip' if clip else ''}{f':eta={eta:g}' if eta else ''}"
+    save_json({"model": args.model, **run, "sampler": sampler,
                "n_samples": args.n_samples, "seed": args.seed, "device": device_name(device),
                "torch": torch.__version__, "floor": {k: reference.floor[k] for k in KEPT},
                "rows": rows}, args.json)

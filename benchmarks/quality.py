@@ -17,7 +17,8 @@ same training run (``decay`` or ``decay:K``, K the warm-up constant of
 sampler, so EMA decays compare at equal training. ``--save`` writes the model file at each
 evaluated epoch. ``--from FILE`` trains nothing: it scores the EMA weights of a model file
 (``--save``'s or the train stage's) with every sampler; ``name:steps:unit`` starts sampling
-from eps_T rather than the forward marginal (``sample.prior``). Needs ``data/MNIST/raw`` and ``models/classifier/classifier.pt``
+from eps_T rather than the forward marginal (``sample.prior``); ``ddim:steps:eta=1`` is DDIM with
+eta 1 (the posterior variance; eta 0 otherwise). Needs ``data/MNIST/raw`` and ``models/classifier/classifier.pt``
 (``dvc repro classifier``). The JSON holds one row per (epoch, weights, sampler).
 """
 
@@ -28,6 +29,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -51,16 +53,35 @@ from tools.quick import apply
 KEPT = tuple(score for score in HEADLINE_SCORES if score != "inception_score")
 
 
-def sampler_option(text: str) -> tuple[str, int, bool, str]:
-    """``name:steps`` with ``:clip`` (x0 clipped to the data range in every step) and/or
-    ``:unit`` (start from eps_T) after it: (name, steps, clip, prior)."""
+class SamplerChoice(NamedTuple):
+    name: str        # ancestral or ddim
+    steps: int
+    clip: bool       # x0 clipped to the data range in every step
+    prior: str       # exact or unit (sample.prior)
+    eta: float = 0.0  # DDIM's eta: 0 deterministic, 1 the posterior variance beta_tilde
+
+    def label(self) -> str:
+        return (f"{self.name}{self.steps}{'_clip' if self.clip else ''}"
+                f"{'_unit' if self.prior == 'unit' else ''}{f'_eta{self.eta:g}' if self.eta else ''}")
+
+
+def sampler_option(text: str) -> SamplerChoice:
+    """``name:steps``, then optionally ``:clip`` (x0 clipped to the data range in every step),
+    ``:unit`` (start from eps_T) and, for DDIM, ``:eta=E`` (default 0)."""
     name, steps, *flags = text.split(":")
+    etas = [flag.removeprefix("eta=") for flag in flags if flag.startswith("eta=")]
+    try:
+        eta = float(etas[-1]) if etas else 0.0
+    except ValueError:
+        eta = -1.0
     if (name not in SAMPLERS or not steps.isdigit() or int(steps) < 1
-            or not set(flags) <= {"clip", "unit"}):
+            or not set(flags) - {f"eta={e}" for e in etas} <= {"clip", "unit"}
+            or len(etas) > 1 or not 0 <= eta <= 1 or (etas and name != "ddim")):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not allowed: use ancestral:STEPS or ddim:STEPS, optionally with :clip "
-            "and :unit")
-    return name, int(steps), "clip" in flags, "unit" if "unit" in flags else "exact"
+            "and :unit, and for ddim :eta=E with E in [0, 1]")
+    return SamplerChoice(name, int(steps), "clip" in flags, "unit" if "unit" in flags else "exact",
+                         eta)
 
 
 def ema_option(text: str) -> tuple[float, float]:
@@ -112,7 +133,7 @@ def main() -> None:
         parser.error(str(error))
     if args.model not in params["models"]:
         parser.error(f"--model {args.model} is not one of params.yaml's models {params['models']}")
-    seed, samplers = params["seed"], args.sampler or [("ancestral", 100, False, "exact")]
+    seed, samplers = params["seed"], args.sampler or [SamplerChoice("ancestral", 100, False, "exact")]
     eval_at = sorted({int(e) for e in args.eval_at.split(",") if e} or {args.epochs})
     extra_decays = [ema_option(d) for d in args.ema.split(",") if d]
 
@@ -138,7 +159,7 @@ def main() -> None:
         for (decay, warmup), ema in extra_emas.items():  # state.step counts the step just taken
             ema_update(ema, state.net, decay, state.step - 1, warmup)
 
-    def score(weights: str, net: torch.nn.Module, record, sampler: tuple) -> None:
+    def score(weights: str, net: torch.nn.Module, record, sampler: SamplerChoice) -> None:
         model = DiffusionModel(net, process, {"data_scale": config.data_scale}, precision=precision)
         row = {"epoch": record.epoch, "weights": weights, "train_seconds": round(train_seconds, 1),
                "heldout_loss": record.heldout_loss,
@@ -178,19 +199,19 @@ def main() -> None:
     save_json(result(), args.json)
 
 
-def score_model(model: DiffusionModel, reference: Reference, sampler: tuple,
+def score_model(model: DiffusionModel, reference: Reference, sampler: SamplerChoice,
                 args: argparse.Namespace, grid_name: str) -> dict:
-    """Sample ``args.n_samples`` digits with ``sampler`` (name, steps, clip, prior) and score them."""
-    name, steps, clip, prior = sampler
+    """Sample ``args.n_samples`` digits with ``sampler`` and score them."""
     started = time.perf_counter()
-    images = model.sample(args.n_samples, steps=steps, sampler=name, eta=0.0,
-                          seed=reference.seed, batch_size=1000, clip_x0=clip, prior=prior)
+    images = model.sample(args.n_samples, steps=sampler.steps, sampler=sampler.name, eta=sampler.eta,
+                          seed=reference.seed, batch_size=1000, clip_x0=sampler.clip,
+                          prior=sampler.prior)
     sample_seconds = time.perf_counter() - started
     quality = reference.score(images)
     if args.grids:
-        save_grid(images[:64], args.grids / f"{grid_name}_{name}{steps}{'_clip' if clip else ''}"
-                                            f"{'_unit' if prior == 'unit' else ''}.png")
-    return {"sampler": name, "steps": steps, "clip_x0": clip, "prior": prior,
+        save_grid(images[:64], args.grids / f"{grid_name}_{sampler.label()}.png")
+    return {"sampler": sampler.name, "steps": sampler.steps, "clip_x0": sampler.clip,
+            "prior": sampler.prior, **({"eta": sampler.eta} if sampler.eta else {}),
             "sample_seconds": round(sample_seconds, 1), **{k: quality[k] for k in KEPT},
             "class_fractions": [quality[f"class_fraction_{d}"] for d in range(10)]}
 
@@ -206,7 +227,7 @@ def score_file(args: argparse.Namespace) -> None:
     reference = Reference.of(classifier, random_subset(test_images, args.n_samples, seed),
                              random_subset(train_images, args.n_samples, seed), seed=seed)
     rows = []
-    for sampler in args.sampler or [("ancestral", 100, False, "exact")]:
+    for sampler in args.sampler or [SamplerChoice("ancestral", 100, False, "exact")]:
         rows.append({"epoch": model.config.get("epochs_trained"),
                      **score_model(model, reference, sampler, args, args.model_file.stem)})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "class_fractions"}), flush=True)

@@ -92,6 +92,29 @@ def test_curve_refuses_a_file_that_is_not_a_quality_run(tmp_path):
     assert not (tmp_path / "fig.png").exists()
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("ancestral:100", ("ancestral", 100, False, "exact", 0.0)),
+    ("ddim:50:clip:unit", ("ddim", 50, True, "unit", 0.0)),
+    ("ddim:100:clip:eta=1", ("ddim", 100, True, "exact", 1.0)),
+    ("ddim:20:eta=0.5", ("ddim", 20, False, "exact", 0.5)),
+])
+def test_sampler_option_reads_steps_flags_and_eta(text, expected):
+    from benchmarks.quality import sampler_option
+
+    assert tuple(sampler_option(text)) == expected
+
+
+@pytest.mark.parametrize("text", ["ancestral:100:eta=1", "ddim:10:eta=2", "ddim:10:eta=x",
+                                  "ddim:10:eta=0:eta=1", "ddim:0", "ddim:10:fast", "euler:10"])
+def test_sampler_option_refuses_what_it_cannot_run(text):
+    import argparse
+
+    from benchmarks.quality import sampler_option
+
+    with pytest.raises(argparse.ArgumentTypeError, match="is not allowed"):
+        sampler_option(text)
+
+
 def test_network_benchmark_counts_flops_and_rates_for_every_network(tmp_path, monkeypatch):
     from benchmarks import networks
 
