@@ -132,6 +132,42 @@ def test_network_benchmark_counts_flops_and_rates_for_every_network(tmp_path, mo
     assert (tmp_path / "n.json").is_file()
 
 
+@pytest.mark.slow  # subprocess runs
+def test_quality_benchmark_scores_model_files_and_names_grids_by_their_model(tmp_path):
+    """--from scores a pipeline model file (always named model.pt) with each sampler, eta
+    included; two models' grids get two names, not one overwritten file."""
+    from diffusion.classifier import _build_model, save_classifier
+    from diffusion.model import save_model
+    from diffusion.network import make_network
+    from diffusion.process import make_process
+
+    for folder in ("diffusion", "pipeline", "benchmarks"):
+        (tmp_path / folder).symlink_to(REPO / folder)
+    write_synthetic_mnist(tmp_path / "data" / "MNIST" / "raw")
+    save_classifier(_build_model(0), tmp_path / "models" / "classifier" / "classifier.pt")
+    net_config = {"kind": "cnn", "hidden": [8], "activation": "gelu"}
+    noises = {"ddpm": {"noise": "gaussian"}, "ddgm": {"noise": "gamma", "theta_0": 0.001}}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    for model, noise in noises.items():
+        net = make_network(net_config)
+        save_model(tmp_path / "models" / model / "model.pt", net, net,
+                   make_process({**noise, "betas": [1e-4, 0.02], "n_T": 10}),
+                   {"model": model, "net": net_config, "seed": 0, "epochs_trained": 1})
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.quality", "--from", f"models/{model}/model.pt",
+             "--sampler", "ddim:3:eta=1", "--sampler", "ancestral:3:clip", "--n-samples", "8",
+             "--json", f"{model}.json", "--grids", "grids"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = json.loads((tmp_path / f"{model}.json").read_text())["rows"]
+        assert [(row["sampler"], row.get("eta", 0.0)) for row in rows] == [("ddim", 1.0),
+                                                                            ("ancestral", 0.0)]
+        assert all(row["fid"] > 0 and row["epoch"] == 1 for row in rows)
+    assert sorted(path.name for path in (tmp_path / "grids").iterdir()) == [
+        f"{model}_e1_{label}.png" for model in ("ddgm", "ddpm")
+        for label in ("ancestral3_clip", "ddim3_eta1")]
+
+
 @pytest.mark.slow  # a subprocess run
 def test_guidance_benchmark_scores_every_weight_and_draws_a_row_per_digit(tmp_path):
     """benchmarks.guidance trains a tiny conditional model, then reports each w's conditional
