@@ -226,12 +226,12 @@ def score_file(args: argparse.Namespace) -> None:
     train_images = load_mnist(RAW_DIR, train=True)[0].to(device)
     reference = Reference.of(classifier, random_subset(test_images, args.n_samples, seed),
                              random_subset(train_images, args.n_samples, seed), seed=seed)
+    epoch = model.config.get("epochs_trained")
     # The pipeline names every model file model.pt: the grids are named by the model it holds.
-    grid_name = f"{model.config.get('model', args.model_file.stem)}_e{model.config.get('epochs_trained')}"
+    grid_name = f"{model.config.get('model', args.model_file.stem)}_e{epoch}"
     rows = []
     for sampler in args.sampler or [SamplerChoice("ancestral", 100, False, "exact")]:
-        rows.append({"epoch": model.config.get("epochs_trained"),
-                     **score_model(model, reference, sampler, args, grid_name)})
+        rows.append({"epoch": epoch, **score_model(model, reference, sampler, args, grid_name)})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "class_fractions"}), flush=True)
         save_json({"model_file": str(args.model_file), "seed": seed, "n_samples": args.n_samples,
                    "device": device_name(device), "torch": torch.__version__,

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -132,19 +133,26 @@ def test_network_benchmark_counts_flops_and_rates_for_every_network(tmp_path, mo
     assert (tmp_path / "n.json").is_file()
 
 
+def benchmark_folder(root: Path, folders: tuple[str, ...]) -> None:
+    """What a benchmark reads in its working folder: the code, synthetic MNIST in data/ and an
+    (untrained) classifier file where the classifier stage writes it."""
+    from diffusion.classifier import _build_model, save_classifier
+
+    for folder in folders:
+        (root / folder).symlink_to(REPO / folder)
+    write_synthetic_mnist(root / "data" / "MNIST" / "raw")
+    save_classifier(_build_model(0), root / "models" / "classifier" / "classifier.pt")
+
+
 @pytest.mark.slow  # subprocess runs
 def test_quality_benchmark_scores_model_files_and_names_grids_by_their_model(tmp_path):
     """--from scores a pipeline model file (always named model.pt) with each sampler, eta
     included; two models' grids get two names, not one overwritten file."""
-    from diffusion.classifier import _build_model, save_classifier
     from diffusion.model import save_model
     from diffusion.network import make_network
     from diffusion.process import make_process
 
-    for folder in ("diffusion", "pipeline", "benchmarks"):
-        (tmp_path / folder).symlink_to(REPO / folder)
-    write_synthetic_mnist(tmp_path / "data" / "MNIST" / "raw")
-    save_classifier(_build_model(0), tmp_path / "models" / "classifier" / "classifier.pt")
+    benchmark_folder(tmp_path, ("diffusion", "pipeline", "benchmarks"))
     net_config = {"kind": "cnn", "hidden": [8], "activation": "gelu"}
     noises = {"ddpm": {"noise": "gaussian"}, "ddgm": {"noise": "gamma", "theta_0": 0.001}}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
@@ -175,13 +183,8 @@ def test_guidance_benchmark_scores_every_weight_and_draws_a_row_per_digit(tmp_pa
     import torch
     from PIL import Image
 
-    from diffusion.classifier import _build_model, save_classifier
-
-    for folder in ("diffusion", "pipeline", "stages", "benchmarks", "tools"):
-        (tmp_path / folder).symlink_to(REPO / folder)
+    benchmark_folder(tmp_path, ("diffusion", "pipeline", "stages", "benchmarks", "tools"))
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    write_synthetic_mnist(tmp_path / "data" / "MNIST" / "raw")
-    save_classifier(_build_model(0), tmp_path / "models" / "classifier" / "classifier.pt")
     tiny = ["-S", "data.train_subset=64", "-S", "train.batch_size=32", "-S", "train.holdout_subset=32",
             "-S", "ddgm.n_T=10"]
     command = [sys.executable, "-m", "benchmarks.guidance", "--model", "ddgm", "--epochs", "1",
