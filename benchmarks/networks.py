@@ -1,16 +1,19 @@
 """How close each denoiser runs to the machine: parameters, FLOPs, images/s and GFLOP/s.
 
     python -m benchmarks.networks [--device cpu|cuda] [--precision auto|bf16|fp32]
-                                  [--batch-size 128] [--eval-batch 500] [--repeats 5] [--json PATH]
+                                  [--batch-size 128] [--eval-batch 500 [B ...]] [--only TEXT]
+                                  [--repeats 5] [--json PATH]
 
 For each network of ``NETWORKS`` (params.yaml ``net`` sections: the seed's CNN and U-Nets of two
 and three resolutions), one training step is forward + backward + Adam on a batch of
 ``--batch-size`` noisy images under autocast in ``--precision``; its FLOPs per image come from
 ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, forward and
 backward), so GFLOP/s = GFLOP per image x images/s says how much of the machine's arithmetic a
-network uses. Sampling evaluations/s are forward passes on ``--eval-batch`` images. The networks
-are timed round-robin, ``--repeats`` times each, and medians are reported, so a machine whose
-speed drifts affects them alike.
+network uses. Sampling evaluations/s are forward passes on ``--eval-batch`` images, one column per
+batch size given: on a CPU a batch whose activations outgrow the cache runs fewer images/s.
+``--only`` keeps the networks whose name contains the text. The networks are timed round-robin,
+``--repeats`` times each, and medians are reported, so a machine whose speed drifts affects them
+alike.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class Bench:
     """One network with its optimiser and fixed inputs, ready to time."""
 
     def __init__(self, config: dict, device: torch.device, precision: str, batch: int,
-                 eval_batch: int, seed: int) -> None:
+                 eval_batches: list[int], seed: int) -> None:
         torch.manual_seed(seed)
         self.net = make_network(config).to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-4)
@@ -61,8 +64,8 @@ class Bench:
         generator = torch.Generator(device).manual_seed(seed)
         self.x = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
         self.t = torch.rand(batch, device=device, generator=generator)
-        self.x_eval = torch.randn(eval_batch, 1, 28, 28, device=device, generator=generator)
-        self.t_eval = torch.rand(eval_batch, device=device, generator=generator)
+        self.x_eval = torch.randn(max(eval_batches), 1, 28, 28, device=device, generator=generator)
+        self.t_eval = torch.rand(max(eval_batches), device=device, generator=generator)
         self.parameters = sum(p.numel() for p in self.net.parameters())
         with FlopCounterMode(display=False) as counter:
             self.step()
@@ -77,9 +80,9 @@ class Bench:
         self.optimizer.step()
 
     @torch.no_grad()
-    def evaluate(self) -> None:
+    def evaluate(self, batch: int) -> None:
         with autocast(self.device, self.precision):
-            self.net(self.x_eval, self.t_eval)
+            self.net(self.x_eval[:batch], self.t_eval[:batch])
 
     def rate(self, run, images: int, calls: int) -> float:
         synchronize(self.device)
@@ -96,27 +99,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--eval-batch", type=int, default=500)
+    parser.add_argument("--eval-batch", type=int, nargs="+", default=[500])
+    parser.add_argument("--only", default="", help="only the networks whose name contains this")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=2, help="training steps per timed run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "eval_batch", "repeats", "calls"):
+    for name in ("batch_size", "repeats", "calls"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: must be >= 1")
+    if min(args.eval_batch) < 1:
+        parser.error(f"--eval-batch = {min(args.eval_batch)} is not allowed: must be >= 1")
+    chosen = {name: config for name, config in NETWORKS.items() if args.only in name}
+    if not chosen:
+        parser.error(f"--only {args.only!r} matches no network: allowed are names containing "
+                     f"text of {', '.join(map(repr, NETWORKS))}")
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
     benches = {name: Bench(config, device, precision, args.batch_size, args.eval_batch, seed=0)
-               for name, config in NETWORKS.items()}
+               for name, config in chosen.items()}
     train: dict[str, list[float]] = {name: [] for name in benches}
-    evaluate: dict[str, list[float]] = {name: [] for name in benches}
+    evaluate = {name: {batch: [] for batch in args.eval_batch} for name in benches}
     for bench in benches.values():  # warm-up: first calls, allocator, kernel choice
         bench.step()
-        bench.evaluate()
+        for batch in args.eval_batch:
+            bench.evaluate(batch)
     for _ in range(args.repeats):
         for name, bench in benches.items():
             train[name].append(bench.rate(bench.step, args.batch_size, args.calls))
-            evaluate[name].append(bench.rate(bench.evaluate, args.eval_batch, 1))
+            for batch, rates in evaluate[name].items():
+                rates.append(bench.rate(lambda: bench.evaluate(batch), batch, 1))
 
     command = "python -m benchmarks.networks " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = []
@@ -127,17 +139,19 @@ def main(argv: list[str] | None = None) -> dict:
                      "gflop_per_image": bench.gflop_per_image,
                      "train_images_per_s": images_per_s,
                      "gflop_per_s": bench.gflop_per_image * images_per_s,
-                     "eval_images_per_s": statistics.median(evaluate[name])})
+                     "eval_images_per_s": {str(batch): statistics.median(rates)
+                                           for batch, rates in evaluate[name].items()}})
     results = {"device": device_name(device), "torch": torch.__version__, "precision": precision,
                "command": command.strip(), "batch_size": args.batch_size, "rows": rows}
     print(f"{results['device']}, torch {results['torch']}, {precision}")
     print(f"command: {results['command']}")
-    print(f"| network | params | GFLOP / image | train images/s | GFLOP/s | sampling evals/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    sampling = "".join(f" sampling evals/s, batch {batch} |" for batch in args.eval_batch)
+    print(f"| network | params | GFLOP / image | train images/s | GFLOP/s |{sampling}")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(args.eval_batch))
     for row in rows:
+        rates = "".join(f" {rate:.0f} |" for rate in row["eval_images_per_s"].values())
         print(f"| {row['network']} | {row['parameters_m']:.2f} M | {row['gflop_per_image']:.3f} | "
-              f"{row['train_images_per_s']:.0f} | {row['gflop_per_s']:.0f} | "
-              f"{row['eval_images_per_s']:.0f} |")
+              f"{row['train_images_per_s']:.0f} | {row['gflop_per_s']:.0f} |{rates}")
     if args.json is not None:
         save_json(results, args.json)
     return results

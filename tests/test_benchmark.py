@@ -121,16 +121,35 @@ def test_network_benchmark_counts_flops_and_rates_for_every_network(tmp_path, mo
 
     monkeypatch.setattr(networks, "NETWORKS", {"cnn": networks.CNN,
                                                "unet3": networks.unet([8, 16, 16], True)})
-    results = networks.main(["--device", "cpu", "--batch-size", "4", "--eval-batch", "4",
+    results = networks.main(["--device", "cpu", "--batch-size", "4", "--eval-batch", "4", "6",
                              "--repeats", "1", "--calls", "1", "--json", str(tmp_path / "n.json")])
     rows = {row["network"]: row for row in results["rows"]}
+    assert set(rows) == {"cnn", "unet3"}
     # The seed's CNN: 0.475 GFLOP per image for forward + backward, whatever the batch.
     assert rows["cnn"]["gflop_per_image"] == pytest.approx(0.475, abs=0.001)
     assert rows["cnn"]["parameters_m"] == pytest.approx(0.29, abs=0.01)
     for row in rows.values():
-        assert row["train_images_per_s"] > 0 and row["eval_images_per_s"] > 0
+        assert row["train_images_per_s"] > 0
+        assert set(row["eval_images_per_s"]) == {"4", "6"}  # one rate per sampling batch
+        assert min(row["eval_images_per_s"].values()) > 0
         assert row["gflop_per_s"] == pytest.approx(row["gflop_per_image"] * row["train_images_per_s"])
     assert (tmp_path / "n.json").is_file()
+    only = networks.main(["--device", "cpu", "--batch-size", "2", "--eval-batch", "2",
+                          "--repeats", "1", "--calls", "1", "--only", "unet"])
+    assert [row["network"] for row in only["rows"]] == ["unet3"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "transformer"], "--only 'transformer' matches no network"),
+    (["--eval-batch", "128", "0"], "--eval-batch = 0 is not allowed"),
+])
+def test_network_benchmark_refuses_what_it_cannot_run(args, message, capsys):
+    from benchmarks import networks
+
+    with pytest.raises(SystemExit) as exit_info:
+        networks.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def benchmark_folder(root: Path, folders: tuple[str, ...]) -> None:
