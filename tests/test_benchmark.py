@@ -163,6 +163,17 @@ def benchmark_folder(root: Path, folders: tuple[str, ...]) -> None:
     save_classifier(_build_model(0), root / "models" / "classifier" / "classifier.pt")
 
 
+def test_quality_benchmark_refuses_an_empty_batch(monkeypatch, capsys):
+    from benchmarks import quality
+
+    monkeypatch.setattr(sys, "argv", ["quality", "--from", "model.pt", "--json", "out.json",
+                                      "--batch-size", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main()
+    assert exit_info.value.code == 2
+    assert "--batch-size = 0 is not allowed: must be >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # subprocess runs
 def test_quality_benchmark_scores_model_files_and_names_grids_by_their_model(tmp_path):
     """--from scores a pipeline model file (always named model.pt) with each sampler, eta
@@ -183,7 +194,7 @@ def test_quality_benchmark_scores_model_files_and_names_grids_by_their_model(tmp
         result = subprocess.run(
             [sys.executable, "-m", "benchmarks.quality", "--from", f"models/{model}/model.pt",
              "--sampler", "ddim:3:eta=1", "--sampler", "ancestral:3:clip", "--n-samples", "8",
-             "--json", f"{model}.json", "--grids", "grids"],
+             "--json", f"{model}.json", "--grids", "grids", "--batch-size", "3"],  # 3 + 3 + 2
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         rows = json.loads((tmp_path / f"{model}.json").read_text())["rows"]
