@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--eval-batch = {min(args.eval_batch)} is not allowed: must be >= 1")
     chosen = {name: config for name, config in NETWORKS.items() if args.only in name}
     if not chosen:
-        parser.error(f"--only {args.only!r} matches no network: allowed are names containing "
-                     f"text of {', '.join(map(repr, NETWORKS))}")
+        parser.error(f"--only {args.only!r} matches no network: give part of a name, one of "
+                     f"{', '.join(map(repr, NETWORKS))}")
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
     benches = {name: Bench(config, device, precision, args.batch_size, args.eval_batch, seed=0)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, bench in benches.items():
             train[name].append(bench.rate(bench.step, args.batch_size, args.calls))
             for batch, rates in evaluate[name].items():
-                rates.append(bench.rate(lambda: bench.evaluate(batch), batch, 1))
+                rates.append(bench.rate(partial(bench.evaluate, batch), batch, 1))
 
     command = "python -m benchmarks.networks " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = []
