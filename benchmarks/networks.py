@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.speed import device_name, synchronize
+from benchmarks.speed import device_name, require_positive, synchronize
 from diffusion.io import save_json
 from diffusion.network import autocast, make_network, resolve_precision
 from diffusion.options import PRECISIONS
@@ -106,11 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calls", type=int, default=2, help="training steps per timed run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "repeats", "calls"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: must be >= 1")
-    if min(args.eval_batch) < 1:
-        parser.error(f"--eval-batch = {min(args.eval_batch)} is not allowed: must be >= 1")
+    require_positive(parser, args, "batch_size", "eval_batch", "repeats", "calls")
     chosen = {name: config for name, config in NETWORKS.items() if args.only in name}
     if not chosen:
         parser.error(f"--only {args.only!r} matches no network: give part of a name, one of "

@@ -45,7 +45,7 @@ from diffusion.network import make_network, resolve_precision
 from diffusion.options import PRECISIONS, SAMPLERS
 from diffusion.process import make_process
 from diffusion.training import TrainConfig, TrainState, ema_update, make_state, train
-from benchmarks.speed import device_name
+from benchmarks.speed import device_name, require_positive
 from pipeline.params import ParamsError
 from pipeline.paths import CLASSIFIER_FILE, RAW_DIR
 from tools.quick import apply
@@ -121,8 +121,7 @@ def main() -> None:
     parser.add_argument("--from", dest="model_file", type=Path, default=None,
                         help="score this model file's EMA weights; train nothing")
     args = parser.parse_args()
-    if args.batch_size < 1:
-        parser.error(f"--batch-size = {args.batch_size} is not allowed: must be >= 1")
+    require_positive(parser, args, "batch_size")
     if args.model_file is not None:
         score_file(args)
         return

@@ -158,6 +158,16 @@ def device_name(device: torch.device) -> str:
             f"native bf16: {', '.join(bf16) if bf16 else 'none'}")
 
 
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Exit 2 with a one-line error for the first option of ``names`` (argparse dests) below 1;
+    an option that takes several values is checked value by value."""
+    for name in names:
+        value = getattr(args, name)
+        for item in value if isinstance(value, list) else [value]:
+            if item < 1:
+                parser.error(f"--{name.replace('_', '-')} = {item} is not allowed: must be >= 1")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed",
                                      description=__doc__.split("\n")[0])
@@ -184,10 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in DEFAULTS[args.device.type].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("steps", "batch_size", "repeats", "sample_n", "sample_steps"):
-        if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            parser.error(f"{flag} = {getattr(args, name)} is not allowed: must be >= 1")
+    require_positive(parser, args, "steps", "batch_size", "repeats", "sample_n", "sample_steps")
     if args.sample_steps < 2:
         parser.error("--sample-steps must be >= 2")
     return args
