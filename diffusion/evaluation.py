@@ -125,7 +125,8 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
           samplers: Iterable[str], n: int, eta: float, clip_x0: bool, seed: int,
           batch_size: int, keep: Iterable[str] = SCORES, prior: str = "exact",
           guidance: Iterable[float] = (0.0,),
-          on_cell: Callable[[str, int, dict[str, float]], None] | None = None) -> SweepTable:
+          on_cell: Callable[[str, int, dict[str, float]], None] | None = None,
+          done: SweepTable | None = None) -> SweepTable:
     """FID (and the ``keep`` scores) against sampling steps: the DDGM paper's table.
 
     For every sampler (outer, as in the paper), model, guidance weight and step count, ``n``
@@ -134,9 +135,11 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
     digits in turn (equal numbers) with each classifier-free ``guidance`` weight w, and its
     cells add the conditional accuracy; an unconditional one takes only w = 0. Each cell holds
     the scores and the sampling ``seconds``; ``on_cell(column, steps, cell)`` sees each as it
-    is done.
+    is done. Cells found in ``done`` (a resumed sweep's, same layout as the result) are taken
+    as they are, not sampled again: every cell starts from ``seed``, so the others come out
+    the same either way.
     """
-    keep = tuple(keep)
+    keep, done = tuple(keep), done or {}
     for model in models.values():  # warm-up (CUDA context, kernel choice): not timed below
         model.sample(min(n, batch_size), steps=1, seed=seed, batch_size=batch_size)
     table: SweepTable = {}
@@ -145,8 +148,13 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
             digits = list(range(model.classes)) or None
             labels = model.labels(digits, n)
             for w in guidance:
-                cells = table[column(name, sampler, w)] = {}
+                row = column(name, sampler, w)
+                cells = table[row] = {}
+                earlier = done.get(row, {})
                 for count in sorted({steps_within(s, model.process.n_T) for s in steps}):
+                    if str(count) in earlier:
+                        cells[str(count)] = earlier[str(count)]
+                        continue
                     started = time.perf_counter()
                     images = model.sample(n, steps=count, sampler=sampler, eta=eta, seed=seed,
                                           batch_size=batch_size, clip_x0=clip_x0, prior=prior,
@@ -157,7 +165,7 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
                     cell = {**{k: scores[k] for k in kept}, "seconds": seconds}
                     cells[str(count)] = cell
                     if on_cell is not None:
-                        on_cell(column(name, sampler, w), count, cell)
+                        on_cell(row, count, cell)
     return table
 
 

@@ -10,11 +10,17 @@ classifier-free guidance weight of ``sweep.guidance`` (rows ``<model>_w<w>_<samp
 w > 0), and their cells add the conditional accuracy.
 Writes to ``results/sweep/``: ``table.json`` (the FIDs; DVC metrics), ``cells.json`` (every
 score of every cell), ``fid.csv`` (DVC plot data), ``table.md`` and ``fid_vs_steps.png``.
+A killed sweep (hours at 1000 steps on a CPU) resumes on the next ``dvc repro``: the cells done
+so far and the MLflow run id are saved after every cell under ``.resume/``, outside DVC's
+outputs, keyed like train's resume state by the stage's params and input files (models,
+classifier, MNIST), and removed at the end.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from diffusion import report
 from diffusion.classifier import load_classifier
@@ -23,9 +29,38 @@ from diffusion.io import save_json, save_text
 from diffusion.metrics import CONDITIONAL_ACCURACY, SCORES
 from diffusion.model import load
 from diffusion.network import resolve_precision
+from diffusion.training import Checkpoint
 from pipeline.common import fail, load_or_exit, mnist_reference, open_run, stage_main
 from pipeline.params import load_params_or_exit
-from pipeline.paths import CLASSIFIER_FILE, RAW_DIR, SWEEP_DIR, model_file
+from pipeline.paths import CLASSIFIER_FILE, RAW_DIR, RESUME_DIR, SWEEP_DIR, model_file
+from pipeline.store import repo_root
+
+STAGE_PARAMS = ("seed", "precision", "models", "sweep")  # dvc.yaml's params of this stage
+
+
+def resume_file(params: dict, inputs: list[Path]) -> Path:
+    """Where the sweep's finished cells are kept until it ends: named, as train's resume
+    state is (``Checkpoint.keyed``), after a digest of the stage's params and input files, so
+    that only the same sweep of the same models picks them up."""
+    key = {k: params[k] for k in STAGE_PARAMS}
+    files = [*inputs, *RAW_DIR.iterdir()]
+    return Checkpoint.keyed(repo_root() / RESUME_DIR, "sweep", key, files).path.with_suffix(".json")
+
+
+def load_resume(path: Path) -> dict:
+    """The saved ``{"run_id", "cells"}`` of a killed sweep, or {} when there is none or it
+    is unreadable (said; the sweep then starts over)."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+        if isinstance(state, dict) and isinstance(state.get("cells"), dict):
+            return state
+        problem = "not a sweep resume state"
+    except (OSError, ValueError) as error:
+        problem = str(error)
+    print(f"sweep: ignores its resume state {path}: {problem}", file=sys.stderr)
+    return {}
 
 
 @stage_main
@@ -38,7 +73,14 @@ def main() -> None:
     if missing:
         fail(f"missing {', '.join(missing)}: run `dvc repro` for the stages that make them")
 
-    run = open_run("sweep")  # a failure below ends it FAILED (stage_main)
+    resume = resume_file(params.as_dict(), needed)
+    state = load_resume(resume)
+    done = state.get("cells", {})
+    if done:
+        print(f"sweep: resuming with {sum(map(len, done.values()))} cells done ({resume})",
+              flush=True)
+    # a failure below ends it FAILED (stage_main); a resumed sweep reopens its run
+    run = open_run("sweep", run_id=state.get("run_id"))
     models = {m: load_or_exit(load, model_file(m), precision=params.precision)
               for m in names}
     device = next(iter(models.values())).device
@@ -65,7 +107,7 @@ def main() -> None:
     # sweep_floor_fid: the floor at sweep.n_samples (evaluate's floor_fid is at its own count)
     run.log_metrics({"sweep_floor_fid": floor["fid"]})
 
-    def on_cell(column: str, count: int, cell: dict[str, float]) -> None:
+    def log_cell(column: str, count: int, cell: dict[str, float]) -> None:
         accuracy = cell.get(CONDITIONAL_ACCURACY)
         metrics = {f"fid_{column}": cell["fid"]}  # FID against steps
         if accuracy is not None:
@@ -75,11 +117,24 @@ def main() -> None:
               + (f"accuracy {accuracy:.3f}  " if accuracy is not None else "")
               + f"{cell['seconds']:7.1f} s", flush=True)
 
+    saved = {c: dict(cells) for c, cells in done.items()}
+
+    def on_cell(column: str, count: int, cell: dict[str, float]) -> None:
+        saved.setdefault(column, {})[str(count)] = cell
+        save_json({"run_id": run.run_id, "cells": saved}, resume)
+        log_cell(column, count, cell)
+
+    if run.run_id != state.get("run_id"):  # the killed run is gone: its cells go in this one
+        for c, cells in done.items():
+            for count, cell in cells.items():
+                log_cell(c, int(count), cell)
+
     with run.system_metrics():
         table = sweep(models, reference, steps=settings.steps,
                       samplers=settings.samplers, n=n, eta=eta,
                       clip_x0=settings.clip_x0, prior=settings.prior, seed=seed,
-                      batch_size=batch_size, guidance=settings.guidance, on_cell=on_cell)
+                      batch_size=batch_size, guidance=settings.guidance, on_cell=on_cell,
+                      done=done)
 
     rows = {column(m, s, w): report.label(m, models[m].process.name, s, eta, settings.clip_x0, w)
             for s in settings.samplers for m in models for w in settings.guidance}  # paper order
@@ -103,6 +158,7 @@ def main() -> None:
     for name in ("table.json", "cells.json", "fid.csv", "table.md", "fid_vs_steps.png"):
         run.log_artifact(SWEEP_DIR / name)
     run.finish()
+    resume.unlink(missing_ok=True)
     print(f"sweep: {sum(map(len, table.values()))} cells on {n} samples, {precision} "
           f"(floor FID {floor['fid']:.2f}) -> {SWEEP_DIR}")
 

@@ -21,7 +21,7 @@ from PIL import Image
 from diffusion import evaluation, report
 from diffusion.classifier import MnistClassifier, save_classifier
 from diffusion.metrics import SCORES
-from diffusion.model import save_model
+from diffusion.model import DiffusionModel, save_model
 from diffusion.network import LabelEmbedding, make_network
 from diffusion.process import GammaProcess, GaussianProcess
 from stages import sweep
@@ -287,3 +287,75 @@ def test_guidance_for_unconditional_models_fails_in_one_line(tmp_path, monkeypat
                     "unconditional (trained with net.classes = 0); use [0.0], or train with "
                     "net.classes = 10")
     assert not (root / "results").exists()
+
+
+# ------------------------------------------------------------------ a killed sweep resumes
+def count_cells(monkeypatch: pytest.MonkeyPatch, calls: list[int], stop_after: int | None = None):
+    """Count the cells' sampling calls (n = 16; the warm-up draws 8), raising KeyboardInterrupt,
+    as Ctrl-C would, at the call after ``stop_after`` cells."""
+    real = DiffusionModel.sample
+
+    def sample(self, n, *args, **kwargs):
+        if n == TINY["sweep"]["n_samples"]:
+            if stop_after is not None and len(calls) == stop_after:
+                raise KeyboardInterrupt
+            calls.append(kwargs["steps"])
+        return real(self, n, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModel, "sample", sample)
+
+
+def test_a_killed_sweep_resumes_from_its_done_cells_to_the_unbroken_table(
+        swept, tmp_path, monkeypatch, capsys):
+    root = build_inputs(tmp_path)
+    first: list[int] = []
+    with pytest.MonkeyPatch.context() as patch:
+        count_cells(patch, first, stop_after=5)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(root, patch)
+    [state_file] = (root / ".resume").glob("sweep-*.json")
+    state = json.loads(state_file.read_text())
+    assert sum(map(len, state["cells"].values())) == 5 and not (root / "results").exists()
+    _, runs = mlflow_runs(root)
+    assert [r.info.status for r in runs] == ["KILLED"] and runs[0].info.run_id == state["run_id"]
+
+    second: list[int] = []
+    count_cells(monkeypatch, second)
+    run_stage(root, monkeypatch)
+    assert "resuming with 5 cells done" in capsys.readouterr().out
+    assert len(second) == len(COLUMNS) * len(STEPS) - 5  # only the cells not done before
+    table = json.loads((root / "results/sweep/table.json").read_text())
+    unbroken = json.loads((swept / "results/sweep/table.json").read_text())
+    assert table.keys() == unbroken.keys()
+    for c in COLUMNS:
+        assert table[c] == pytest.approx(unbroken[c])
+    assert not list((root / ".resume").iterdir())
+    client, runs = mlflow_runs(root)  # the killed run reopened, every FID curve whole
+    [run] = runs
+    assert run.info.status == "FINISHED" and run.info.run_id == state["run_id"]
+    for c in COLUMNS:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, f"fid_{c}")) == STEPS
+
+
+def test_the_resume_state_is_keyed_by_params_and_models_and_a_bad_one_is_ignored(
+        tmp_path, monkeypatch, capsys):
+    root = build_inputs(tmp_path)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    inputs = [Path("models/classifier/classifier.pt"), Path("models/ddpm/model.pt")]
+    first = sweep.resume_file(params, inputs)
+    assert first.parent == root.resolve() / ".resume" and first.name.startswith("sweep-")
+    assert sweep.resume_file({**params, "train": {"epochs": 99}}, inputs) == first  # not its param
+    assert sweep.resume_file(merge(params, {"sweep": {"n_samples": 8}}), inputs) != first
+    model = root / "models/ddpm/model.pt"
+    model.write_bytes(model.read_bytes() + b"\0")
+    assert sweep.resume_file(params, inputs) != first
+
+    first.parent.mkdir()
+    first.write_text("{not json")
+    assert sweep.load_resume(first) == {}
+    assert f"sweep: ignores its resume state {first}" in capsys.readouterr().err
+    first.write_text("[1, 2]")
+    assert sweep.load_resume(first) == {}
+    assert "not a sweep resume state" in capsys.readouterr().err
