@@ -35,16 +35,14 @@ from pipeline.params import load_params_or_exit
 from pipeline.paths import CLASSIFIER_FILE, RAW_DIR, RESUME_DIR, SWEEP_DIR, model_file
 from pipeline.store import repo_root
 
-STAGE_PARAMS = ("seed", "precision", "models", "sweep")  # dvc.yaml's params of this stage
-
 
 def resume_file(params: dict, inputs: list[Path]) -> Path:
     """Where the sweep's finished cells are kept until it ends: named, as train's resume
-    state is (``Checkpoint.keyed``), after a digest of the stage's params and input files, so
-    that only the same sweep of the same models picks them up."""
-    key = {k: params[k] for k in STAGE_PARAMS}
+    state is (``Checkpoint.keyed``), after a digest of the stage's params (those dvc.yaml
+    declares for it) and input files, so that only the same sweep of the same models picks
+    them up."""
     files = [*inputs, *RAW_DIR.iterdir()]
-    return Checkpoint.keyed(repo_root() / RESUME_DIR, "sweep", key, files).path.with_suffix(".json")
+    return Checkpoint.keyed(repo_root() / RESUME_DIR, "sweep", params, files).path.with_suffix(".json")
 
 
 def load_resume(path: Path) -> dict:

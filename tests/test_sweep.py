@@ -24,6 +24,7 @@ from diffusion.metrics import SCORES
 from diffusion.model import DiffusionModel, save_model
 from diffusion.network import LabelEmbedding, make_network
 from diffusion.process import GammaProcess, GaussianProcess
+from pipeline.params import load_params
 from stages import sweep
 from tests.helpers import REPO, TINY_PARAMS, merge, write_synthetic_mnist
 
@@ -342,15 +343,23 @@ def test_the_resume_state_is_keyed_by_params_and_models_and_a_bad_one_is_ignored
     root = build_inputs(tmp_path)
     monkeypatch.chdir(root)
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    params = yaml.safe_load((root / "params.yaml").read_text())
     inputs = [Path("models/classifier/classifier.pt"), Path("models/ddpm/model.pt")]
-    first = sweep.resume_file(params, inputs)
+
+    def resume_file_for(changes: dict) -> Path:
+        text = (root / "params.yaml").read_text()
+        (root / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load(text), changes)))
+        try:
+            return sweep.resume_file(load_params("sweep", root).as_dict(), inputs)
+        finally:
+            (root / "params.yaml").write_text(text)
+
+    first = resume_file_for({})
     assert first.parent == root.resolve() / ".resume" and first.name.startswith("sweep-")
-    assert sweep.resume_file({**params, "train": {"epochs": 99}}, inputs) == first  # not its param
-    assert sweep.resume_file(merge(params, {"sweep": {"n_samples": 8}}), inputs) != first
+    assert resume_file_for({"train": {"epochs": 99}}) == first  # not a param of the sweep
+    assert resume_file_for({"sweep": {"n_samples": 8}}) != first
     model = root / "models/ddpm/model.pt"
     model.write_bytes(model.read_bytes() + b"\0")
-    assert sweep.resume_file(params, inputs) != first
+    assert resume_file_for({}) != first
 
     first.parent.mkdir()
     first.write_text("{not json")
