@@ -6,8 +6,9 @@ Writes seven PNGs to ``results/plot/`` (drawn by ``diffusion.report``) and logs 
 fractions ``plot.t_show`` of its n_T), ``trajectories.png`` (ancestral sampling from n_T to 0),
 ``class_balance.png`` and ``precision_recall.png`` (each model beside real training images,
 from ``results/evaluate/<model>``), and ``memorisation.png`` (samples beside their nearest
-training images in the classifier's feature space, with the median nearest distance of
-``MEMORISATION_CHECK`` samples and of as many unseen test digits).
+training images in the classifier's feature space, among the ``data.train_subset`` images the
+models learnt from, with the median nearest distance of ``MEMORISATION_CHECK`` samples and of as
+many unseen test digits).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from diffusion.report import (class_balance_figure, degradation_figure, loss_fig
                               memorisation_figure, model_label, precision_recall_figure,
                               samples_figure, save_figure, trajectories_figure)
 from diffusion.metrics import CLASS_FRACTIONS
-from pipeline.common import (fail, load_or_exit, mnist_reference, open_run, samples_or_exit,
-                           stage_main)
+from pipeline.common import (fail, load_or_exit, mnist_on, mnist_reference, open_run,
+                           samples_or_exit, stage_main)
 from pipeline.params import load_params_or_exit
 from pipeline.paths import (CLASSIFIER_FILE, PLOT_DIR, RAW_DIR, evaluate_dir, model_file,
                           samples_file, train_dir)
@@ -81,7 +82,7 @@ def main() -> None:
              f"results/sample holds {too_few}: raise sample.n_samples", status=2)
     run = open_run("plot")
     run.log_params({"seed": seed, "models": names, "plot": params.plot.as_dict(),
-                    "precision": params.precision})
+                    "precision": params.precision, "train_subset": params.data.train_subset})
     labels = {m: model_label(m, model.process.name) for m, model in models.items()}
 
     save_figure(loss_figure(logs, labels), PLOT_DIR / "loss_curves.png")
@@ -100,7 +101,8 @@ def main() -> None:
     save_figure(class_balance_figure(metrics, labels), PLOT_DIR / "class_balance.png")
     save_figure(precision_recall_figure(metrics, labels), PLOT_DIR / "precision_recall.png")
 
-    train_images = load_mnist(RAW_DIR, train=True)[0]
+    # the images the models learnt from (data.train_subset), as the train stage takes them
+    train_images = mnist_on(torch.device("cpu"), train=True, subset=params.data.train_subset)[0]
     checked = {m: torch.from_numpy(images[:MEMORISATION_CHECK]) for m, images in samples.items()}
     n_held_out = min(MEMORISATION_CHECK, max(len(images) for images in checked.values()))
     checked["held-out"] = mnist_reference(torch.device("cpu"), train=False, n=n_held_out, seed=seed)

@@ -187,3 +187,28 @@ def test_memorisation_panel_finds_a_copied_training_image(workdir, monkeypatch):
     assert indices[1, 0] == 5 and distances[1, 0] == 0
     assert distances[0, 0] > 0  # random pixels copy nothing
     assert drawn["held_out"].startswith("8 held-out test digits")  # all 8 synthetic test images
+
+
+def test_memorisation_panel_searches_only_the_training_subset_the_models_saw(workdir, monkeypatch):
+    make_inputs(workdir)
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["data"]["train_subset"] = 4  # the models learnt from training digits 0-3 only
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    train_images = plot.load_mnist(workdir / "data/MNIST/raw", train=True)[0].numpy()
+    samples_path = workdir / "results/sample/ddpm/samples.npy"
+    samples = np.load(samples_path)
+    samples[0], samples[1] = train_images[2], train_images[6]  # seen, and not seen
+    np.save(samples_path, samples)
+    drawn = {}
+    original = plot.memorisation_figure
+
+    def capture(samples, train, neighbours, held_out, rows):
+        drawn.update(train=train, neighbours=neighbours)
+        return original(samples, train, neighbours, held_out, rows)
+
+    monkeypatch.setattr(plot, "memorisation_figure", capture)
+    plot.main()
+    distances, indices = drawn["neighbours"]["ddpm"]
+    assert len(drawn["train"]) == 4 and indices.max() < 4
+    assert indices[0, 0] == 2 and distances[0, 0] == 0
+    assert distances[1, 0] > 0  # a copy of an image outside the subset is no copy of training data
