@@ -1,5 +1,6 @@
 """Fixtures shared by the tests: the real MNIST files (fetched once per session) and the feature
-classifier trained on them. Helpers live in tests/helpers.py."""
+classifier trained on them, and one share of the CPU per pytest-xdist worker. Helpers live in
+tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ import yaml
 from diffusion.mnist import verify_mnist
 from pipeline.mnist_sources import fetch_mnist
 from tests.helpers import REPO
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``pytest -n N`` give each worker's torch 1/N of the cores: OpenMP threads beyond the
+    cores wait on each other at every parallel region, which slows both workers far more than
+    sharing does. Subprocesses of the tests inherit the count through OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 @pytest.fixture(scope="session")
