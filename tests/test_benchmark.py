@@ -83,6 +83,35 @@ def test_curve_tabulates_every_ema_row_and_draws_the_figure(tmp_path):
     assert sum(line.startswith("| floor") for line in lines) == 2
 
 
+def test_curve_names_each_ema_of_a_run_with_several_and_keeps_one_on_request(tmp_path):
+    run = quality_run("ddpm", "unet", {1: 130.0, 2: 70.0})
+    run["rows"] += [{**row, "weights": "ema0.999:20", "fid": row["fid"] - 5} for row in run["rows"]
+                    if row["weights"] == "ema0.999"]
+    path, table = tmp_path / "run.json", tmp_path / "table.md"
+    path.write_text(json.dumps(run))
+
+    def rows(*extra: str) -> list[list[str]]:
+        subprocess.run([sys.executable, "-m", "benchmarks.curve", str(path), "--out",
+                        str(tmp_path / "fig.png"), "--table", str(table), *extra],
+                       check=True, cwd=REPO, capture_output=True)
+        return [line.split(" | ")[1:4] for line in table.read_text().splitlines()[2:-1]]
+
+    assert rows() == [["1", "ancestral 100, x0 clipped, ema0.999", "130.0"],
+                      ["1", "ancestral 100, x0 clipped, ema0.999:20", "125.0"],
+                      ["2", "ancestral 100, x0 clipped, ema0.999", "70.0"],
+                      ["2", "ancestral 100, x0 clipped, ema0.999:20", "65.0"]]
+    assert rows("--weights", "ema0.999:20") == [["1", "ancestral 100, x0 clipped", "125.0"],
+                                                 ["2", "ancestral 100, x0 clipped", "65.0"]]
+    assert table.read_text().splitlines()[2].startswith("| ddpm, unet | 1 |")
+    rows("--names", "file")
+    assert table.read_text().splitlines()[2].startswith("| ddpm, run | 1 |")
+    result = subprocess.run([sys.executable, "-m", "benchmarks.curve", str(path), "--out",
+                             str(tmp_path / "other.png"), "--weights", "ema0.99"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and not (tmp_path / "other.png").exists()
+    assert "has no rows of --weights ema0.99; it has ema0.999, ema0.999:20" in result.stderr
+
+
 def test_curve_refuses_a_file_that_is_not_a_quality_run(tmp_path):
     path = tmp_path / "speed.json"
     path.write_text(json.dumps({"rows": []}))
