@@ -228,6 +228,7 @@ class Classifier(Section):
     epochs: Int(1, 1000)
     batch_size: Batch
     lr: LearningRate
+    train_subset: Int(0, N_TRAIN, "0 = all")
 
 
 class Sweep(Section):

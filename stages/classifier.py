@@ -1,6 +1,8 @@
 """DVC stage classifier: train the small MNIST classifier whose features score sample quality.
 
-Writes ``models/classifier/classifier.pt`` and ``results/classifier/metrics.json`` (test accuracy).
+Writes ``models/classifier/classifier.pt`` and ``results/classifier/metrics.json`` (accuracy on
+all 10000 test digits). It learns from the first ``classifier.train_subset`` training digits
+(0 = all 60000).
 Nothing is downloaded: the evaluation's feature network is trained here, on MNIST itself.
 """
 
@@ -24,10 +26,10 @@ def main() -> None:
     run = open_run(stage, "classifier")
     run.log_params({"seed": params.seed, "classifier": settings.as_dict()})
     device = default_device()
-    train_images, train_labels = mnist_on(device, train=True)
+    train_images, train_labels = mnist_on(device, train=True, subset=settings.train_subset)
     test_images, test_labels = mnist_on(device, train=False)
 
-    log_mnist(run, train=True, used=0, context="training")
+    log_mnist(run, train=True, used=settings.train_subset, context="training")
     log_mnist(run, train=False, used=0, context="evaluation")
 
     def report(epoch: int, figures: dict[str, float]) -> None:

@@ -27,7 +27,7 @@ TINY_PARAMS = {
     "train": {"epochs": 1, "batch_size": 64, "grid_every": 1, "grid_size": 4, "holdout_subset": 64},
     "sample": {"n_samples": 32, "steps": 10, "batch_size": 32},
     "evaluate": {"n_samples": 32, "psnr_t": [0.2, 0.5, 0.9], "batch_size": 32},
-    "classifier": {"epochs": 1, "batch_size": 256},
+    "classifier": {"epochs": 1, "batch_size": 64, "train_subset": 8192},
     "sweep": {"steps": [2, 10], "n_samples": 16},
     "plot": {"n_digits": 2, "t_show": [0, 0.5, 1]},
 }

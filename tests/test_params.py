@@ -72,6 +72,7 @@ BAD = [  # (key, bad value, fragment of the allowed values)
     ("sample.batch_size", 0, "an integer in [1, 65536]"),
     ("evaluate.batch_size", -1, "an integer in [1, 65536]"),
     ("classifier.batch_size", 0, "an integer in [1, 65536]"),
+    ("classifier.train_subset", 60001, "an integer in [0, 60000]"),
     ("train.lr", 0.0, "a number in (0, 3.4e+38]"),
     ("train.lr", -2e-4, "a number in (0, 3.4e+38]"),
     ("train.lr", 1e300, "a number in (0, 3.4e+38]"),
