@@ -166,22 +166,30 @@ def test_stage_refuses_metrics_without_the_quality_keys(workdir, capsys):
     assert not (workdir / "results/plot").exists()
 
 
-def test_memorisation_panel_finds_a_copied_training_image(workdir, monkeypatch):
-    make_inputs(workdir)
-    train_images = plot.load_mnist(workdir / "data/MNIST/raw", train=True)[0].numpy()
-    samples_path = workdir / "results/sample/ddgm/samples.npy"
+def plot_with_copies(root, monkeypatch, model: str, copies: dict[int, int]) -> dict:
+    """Run the plot stage after making sample i of ``model`` a copy of training image j for each
+    i: j of ``copies``; return what the memorisation panel was drawn from."""
+    train_images = plot.load_mnist(root / "data/MNIST/raw", train=True)[0].numpy()
+    samples_path = root / "results/sample" / model / "samples.npy"
     samples = np.load(samples_path)
-    samples[1] = train_images[5]  # a sample that copies training digit 5
+    for sample, image in copies.items():
+        samples[sample] = train_images[image]
     np.save(samples_path, samples)
     drawn = {}
     original = plot.memorisation_figure
 
     def capture(samples, train, neighbours, held_out, rows):
-        drawn.update(neighbours=neighbours, held_out=held_out)
+        drawn.update(train=train, neighbours=neighbours, held_out=held_out)
         return original(samples, train, neighbours, held_out, rows)
 
     monkeypatch.setattr(plot, "memorisation_figure", capture)
     plot.main()
+    return drawn
+
+
+def test_memorisation_panel_finds_a_copied_training_image(workdir, monkeypatch):
+    make_inputs(workdir)
+    drawn = plot_with_copies(workdir, monkeypatch, "ddgm", {1: 5})
     distances, indices = drawn["neighbours"]["ddgm"]
     assert distances.shape == indices.shape == (20, plot.NEIGHBOURS)
     assert indices[1, 0] == 5 and distances[1, 0] == 0
@@ -194,20 +202,7 @@ def test_memorisation_panel_searches_only_the_training_subset_the_models_saw(wor
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["data"]["train_subset"] = 4  # the models learnt from training digits 0-3 only
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    train_images = plot.load_mnist(workdir / "data/MNIST/raw", train=True)[0].numpy()
-    samples_path = workdir / "results/sample/ddpm/samples.npy"
-    samples = np.load(samples_path)
-    samples[0], samples[1] = train_images[2], train_images[6]  # seen, and not seen
-    np.save(samples_path, samples)
-    drawn = {}
-    original = plot.memorisation_figure
-
-    def capture(samples, train, neighbours, held_out, rows):
-        drawn.update(train=train, neighbours=neighbours)
-        return original(samples, train, neighbours, held_out, rows)
-
-    monkeypatch.setattr(plot, "memorisation_figure", capture)
-    plot.main()
+    drawn = plot_with_copies(workdir, monkeypatch, "ddpm", {0: 2, 1: 6})  # seen, and not seen
     distances, indices = drawn["neighbours"]["ddpm"]
     assert len(drawn["train"]) == 4 and indices.max() < 4
     assert indices[0, 0] == 2 and distances[0, 0] == 0
