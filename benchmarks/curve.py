@@ -4,8 +4,9 @@
 
 One line per (run, sampler) of the EMA weights (per EMA too, where a run scored several;
 ``--weights ema0.999:20`` keeps one): FID against the epoch (or, with ``--x train_seconds``, the
-training time so far), with each run's floor (as many real training digits) dashed. The table lists every scored row with KID, precision,
-recall, class balance, held-out loss and the training time so far.
+training time so far), with each run's floor (as many real training digits) dashed. The table
+lists every scored row with KID, precision, recall, class balance, held-out loss and the
+training time so far.
 """
 
 from __future__ import annotations
