@@ -115,7 +115,8 @@ def main() -> None:
             parser.error(f"{path} is not a benchmarks.quality training run with scored rows")
         if not ema_rows(run, args.weights):
             kept = sorted({row["weights"] for row in ema_rows(run)})
-            parser.error(f"{path} has no rows of --weights {args.weights}; it has {', '.join(kept)}")
+            parser.error(f"{path} has no rows of --weights {args.weights}; "
+                         f"it has {', '.join(kept)}")
         if args.names == "file":
             run["label"] = f"{run['model']}, {path.stem}"
         runs.append(run)

@@ -153,8 +153,8 @@ def test_mlflow_metrics_are_the_headline_ones_and_training_curves_stay_within_th
     assert steps == list(range(1, TINY_PARAMS["classifier"]["epochs"] + 1))
     learnt_from = {d.dataset.name: {t.key: t.value for t in d.tags}["images"]
                    for d in classifier_run.inputs.dataset_inputs}
-    assert learnt_from == {"MNIST train": f"the first {TINY_PARAMS['classifier']['train_subset']} of 60000",
-                           "MNIST test": "all 10000"}
+    subset = TINY_PARAMS["classifier"]["train_subset"]
+    assert learnt_from == {"MNIST train": f"the first {subset} of 60000", "MNIST test": "all 10000"}
     assert headline_metrics(by_stage["sweep"]) == {
         "sweep_floor_fid", *(f"fid_{m}_{s}" for s in ("ancestral", "ddim") for m in ("ddpm", "ddgm"))}
     metrics_file = json.loads((root / "results/evaluate/ddpm/metrics.json").read_text())
