@@ -114,6 +114,19 @@ def split_headline(metrics: dict) -> tuple[dict, dict]:
 SweepTable = dict[str, dict[str, dict[str, float]]]  # column -> str(steps) -> scores
 
 
+@dataclass
+class PartialCell:
+    """A sweep cell cut off between two batches: the images drawn so far (uint8, a whole
+    number of batches), the state of the generator after them and their sampling seconds;
+    enough to finish the cell as if it had never stopped."""
+
+    column: str
+    steps: int
+    images: torch.Tensor
+    generator_state: torch.Tensor
+    seconds: float
+
+
 def column(model: str, sampler: str, guidance: float = 0.0) -> str:
     """The sweep table's name of one row of the paper's table, e.g. ``ddgm_ddim``, and with
     classifier-free guidance w > 0 ``ddgm_w2_ddim`` (also the CSV column and the MLflow metric
@@ -126,7 +139,8 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
           batch_size: int, keep: Iterable[str] = SCORES, prior: str = "exact",
           guidance: Iterable[float] = (0.0,),
           on_cell: Callable[[str, int, dict[str, float]], None] | None = None,
-          done: SweepTable | None = None) -> SweepTable:
+          done: SweepTable | None = None, partial: PartialCell | None = None,
+          on_batch: Callable[[PartialCell], None] | None = None) -> SweepTable:
     """FID (and the ``keep`` scores) against sampling steps: the DDGM paper's table.
 
     For every sampler (outer, as in the paper), model, guidance weight and step count, ``n``
@@ -137,7 +151,9 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
     the scores and the sampling ``seconds``; ``on_cell(column, steps, cell)`` sees each as it
     is done. Cells found in ``done`` (a resumed sweep's, same layout as the result) are taken
     as they are, not sampled again: every cell starts from ``seed``, so the others come out
-    the same either way.
+    the same either way. Within a cell the images are drawn a batch at a time from one
+    generator; ``on_batch`` sees the cell so far after every batch but the last, and a
+    ``partial`` cell of a resumed sweep goes on from where it stopped, to the same images.
     """
     keep, done = tuple(keep), done or {}
     for model in models.values():  # warm-up (CUDA context, kernel choice): not timed below
@@ -155,11 +171,11 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
                     if str(count) in earlier:
                         cells[str(count)] = earlier[str(count)]
                         continue
-                    started = time.perf_counter()
-                    images = model.sample(n, steps=count, sampler=sampler, eta=eta, seed=seed,
-                                          batch_size=batch_size, clip_x0=clip_x0, prior=prior,
-                                          digit=digits, guidance=w)
-                    seconds = time.perf_counter() - started
+                    begun = partial if partial and (partial.column, partial.steps) == (row, count) \
+                        else None
+                    images, seconds = draw_cell(
+                        model, row, count, n, batch_size, seed, labels, begun, on_batch,
+                        sampler=sampler, eta=eta, clip_x0=clip_x0, prior=prior, guidance=w)
                     scores = reference.score(images, labels)
                     kept = (*keep, CONDITIONAL_ACCURACY) if digits else keep
                     cell = {**{k: scores[k] for k in kept}, "seconds": seconds}
@@ -167,6 +183,30 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
                     if on_cell is not None:
                         on_cell(row, count, cell)
     return table
+
+
+def draw_cell(model: DiffusionModel, column: str, steps: int, n: int, batch_size: int, seed: int,
+              labels: torch.Tensor | None, partial: PartialCell | None,
+              on_batch: Callable[[PartialCell], None] | None,
+              **sampling) -> tuple[torch.Tensor, float]:
+    """One sweep cell's ``n`` uint8 images and their sampling seconds: ``model.sample`` of
+    ``n`` from ``seed`` in batches of ``batch_size``, drawn one batch per call (the same
+    images, ``DiffusionModel.sample``), from ``partial`` on if given (see ``sweep``)."""
+    generator = torch.Generator(model.device).manual_seed(seed)
+    parts, seconds = [], 0.0
+    if partial is not None:
+        parts, seconds = [partial.images], partial.seconds
+        generator.set_state(partial.generator_state)
+    for start in range(sum(len(p) for p in parts), n, batch_size):
+        size = min(batch_size, n - start)
+        digits = None if labels is None else labels[start:start + size].tolist()
+        started = time.perf_counter()
+        parts.append(model.sample(size, steps=steps, generator=generator, digit=digits,
+                                  **sampling))
+        seconds += time.perf_counter() - started
+        if on_batch is not None and start + size < n:
+            on_batch(PartialCell(column, steps, torch.cat(parts), generator.get_state(), seconds))
+    return torch.cat(parts), seconds
 
 
 def nearest_training_images(classifier: MnistClassifier, sets: dict[str, torch.Tensor],

@@ -114,7 +114,8 @@ class DiffusionModel(nn.Module):
     def sample(self, n: int, *, steps: int | None = None, sampler: str = "ancestral",
                eta: float = 1.0, seed: int = 0, batch_size: int | None = None,
                clip_x0: bool = False, prior: str = "exact",
-               digit: int | Sequence[int] | None = None, guidance: float = 0.0) -> torch.Tensor:
+               digit: int | Sequence[int] | None = None, guidance: float = 0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` generated digits as uint8 (n, 28, 28) on the CPU, reproducible from ``seed``.
 
         ``sampler`` is "ancestral" (Ho et al. 2020, Algorithm 2) or "ddim" (Song et al. 2021,
@@ -122,10 +123,14 @@ class DiffusionModel(nn.Module):
         ``clip_x0`` clips the x0 estimate of every step to the data range and ``prior`` picks the
         start (``diffusion.sampling.sample``). A conditional model draws ``digit`` (one digit,
         or a list taken in turn), with classifier-free ``guidance`` w >= 0:
-        ``model.sample(20, digit=7, guidance=2.0)``.
+        ``model.sample(20, digit=7, guidance=2.0)``. A ``generator`` (on the model's device) is
+        drawn from in place of one seeded with ``seed``: batches drawn one call at a time from
+        one generator are the images one call with that ``batch_size`` draws (the sweep's
+        resume within a cell rests on it).
         """
         labels = self.labels(digit, n, guidance)
-        generator = torch.Generator(self.device).manual_seed(seed)
+        if generator is None:
+            generator = torch.Generator(self.device).manual_seed(seed)
         x = sample(self.net, self.process, n, steps=steps, sampler=sampler, eta=eta,
                    device=self.device, generator=generator, batch_size=batch_size,
                    precision=self.precision, clip_x0=clip_x0, data_scale=self.scale, prior=prior,

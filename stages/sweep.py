@@ -13,7 +13,8 @@ score of every cell), ``fid.csv`` (DVC plot data), ``table.md`` and ``fid_vs_ste
 A killed sweep (hours at 1000 steps on a CPU) resumes on the next ``dvc repro``: the cells done
 so far and the MLflow run id are saved after every cell under ``.resume/``, outside DVC's
 outputs, keyed like train's resume state by the stage's params and input files (models,
-classifier, MNIST), and removed at the end.
+classifier, MNIST), and the cell being drawn after every batch (beside it, ``.part.pt``), so
+a kill loses at most one batch; both are removed at the end.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from diffusion import report
 from diffusion.classifier import load_classifier
-from diffusion.evaluation import Reference, column, sweep
-from diffusion.io import save_json, save_text
+from diffusion.evaluation import PartialCell, Reference, column, sweep
+from diffusion.io import ModelFileError, load_torch, save_json, save_text, save_torch
 from diffusion.metrics import CONDITIONAL_ACCURACY, SCORES
 from diffusion.model import load
 from diffusion.network import resolve_precision
@@ -61,6 +64,39 @@ def load_resume(path: Path) -> dict:
     return {}
 
 
+def partial_file(resume: Path) -> Path:
+    """Where the cell being drawn is kept between batches, beside the finished cells."""
+    return resume.with_suffix(".part.pt")
+
+
+def save_partial(cell: PartialCell, device: torch.device, path: Path) -> None:
+    save_torch({"column": cell.column, "steps": cell.steps, "images": cell.images,
+                "generator_state": cell.generator_state, "seconds": cell.seconds,
+                "device": device.type}, path)
+
+
+def load_partial(path: Path, device: torch.device, n: int, batch_size: int) -> PartialCell | None:
+    """The cell a killed sweep was drawing, or None when there is none or it does not fit this
+    sweep (said; the cell then starts over)."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_torch(path, expect=("column", "steps", "images", "generator_state",
+                                         "seconds", "device"), kind="sweep cell")
+        drawn = len(state["images"])
+        if state["device"] != device.type:  # a generator's state is its device's own
+            problem = f"drawn on {state['device']}, this sweep runs on {device.type}"
+        elif not (0 < drawn < n and drawn % batch_size == 0):
+            problem = f"{drawn} images, not whole batches of {batch_size} below {n}"
+        else:
+            return PartialCell(state["column"], state["steps"], state["images"],
+                               state["generator_state"], state["seconds"])
+    except ModelFileError as error:
+        problem = str(error)
+    print(f"sweep: ignores its part-drawn cell {path}: {problem}", file=sys.stderr)
+    return None
+
+
 @stage_main
 def main() -> None:
     params = load_params_or_exit("sweep")
@@ -71,17 +107,19 @@ def main() -> None:
     if missing:
         fail(f"missing {', '.join(missing)}: run `dvc repro` for the stages that make them")
 
-    resume = resume_file(params.as_dict(), needed)
-    state = load_resume(resume)
-    done = state.get("cells", {})
-    if done:
-        print(f"sweep: resuming with {sum(map(len, done.values()))} cells done ({resume})",
-              flush=True)
-    # a failure below ends it FAILED (stage_main); a resumed sweep reopens its run
-    run = open_run("sweep", run_id=state.get("run_id"))
     models = {m: load_or_exit(load, model_file(m), precision=params.precision)
               for m in names}
     device = next(iter(models.values())).device
+    resume = resume_file(params.as_dict(), needed)
+    state = load_resume(resume)
+    done = state.get("cells", {})
+    partial = load_partial(partial_file(resume), device, n, batch_size) if state else None
+    if done or partial:
+        print(f"sweep: resuming with {sum(map(len, done.values()))} cells done"
+              + (f" and {len(partial.images)} of {n} images of {partial.column} at "
+                 f"{partial.steps} steps" if partial else "") + f" ({resume})", flush=True)
+    # a failure below ends it FAILED (stage_main); a resumed sweep reopens its run
+    run = open_run("sweep", run_id=state.get("run_id"))
     precision = resolve_precision(params.precision, device)
     run.log_params({"seed": seed, "models": names, "sweep": settings.as_dict(),
                     "precision": params.precision, "precision_resolved": precision})
@@ -120,7 +158,13 @@ def main() -> None:
     def on_cell(column: str, count: int, cell: dict[str, float]) -> None:
         saved.setdefault(column, {})[str(count)] = cell
         save_json({"run_id": run.run_id, "cells": saved}, resume)
+        partial_file(resume).unlink(missing_ok=True)
         log_cell(column, count, cell)
+
+    def on_batch(cell: PartialCell) -> None:
+        if not resume.is_file():  # the part is used only beside the run it belongs to
+            save_json({"run_id": run.run_id, "cells": saved}, resume)
+        save_partial(cell, device, partial_file(resume))
 
     if run.run_id != state.get("run_id"):  # the killed run is gone: its cells go in this one
         for c, cells in done.items():
@@ -132,7 +176,7 @@ def main() -> None:
                       samplers=settings.samplers, n=n, eta=eta,
                       clip_x0=settings.clip_x0, prior=settings.prior, seed=seed,
                       batch_size=batch_size, guidance=settings.guidance, on_cell=on_cell,
-                      done=done)
+                      done=done, partial=partial, on_batch=on_batch)
 
     rows = {column(m, s, w): report.label(m, models[m].process.name, s, eta, settings.clip_x0, w)
             for s in settings.samplers for m in models for w in settings.guidance}  # paper order
@@ -157,6 +201,7 @@ def main() -> None:
         run.log_artifact(SWEEP_DIR / name)
     run.finish()
     resume.unlink(missing_ok=True)
+    partial_file(resume).unlink(missing_ok=True)
     print(f"sweep: {sum(map(len, table.values()))} cells on {n} samples, {precision} "
           f"(floor FID {floor['fid']:.2f}) -> {SWEEP_DIR}")
 

@@ -60,6 +60,18 @@ def test_sample(model_file: Path, sampler: str, eta: float):
     assert model.sample(3, steps=5, sampler=sampler, eta=eta, seed=0, batch_size=2).shape == (3, 28, 28)
 
 
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_batches_drawn_one_call_at_a_time_from_one_generator_are_the_whole_draw(
+        model_file: Path, sampler: str):
+    model = diffusion.load(model_file, device="cpu")
+    whole = model.sample(7, steps=5, sampler=sampler, eta=1.0, seed=3, batch_size=3)
+    generator = torch.Generator().manual_seed(3)
+    parts = [model.sample(size, steps=5, sampler=sampler, eta=1.0, seed=99, generator=generator)
+             for size in (3, 3, 1)]  # seed is not used when a generator is given
+    assert torch.equal(torch.cat(parts), whole)
+    generator.manual_seed(3)  # seeded again, it starts the draw again
+    assert torch.equal(model.sample(3, steps=5, sampler=sampler, generator=generator), whole[:3])
+
 def test_ema_and_raw_weights_differ(model_file: Path):
     ema = diffusion.load(model_file, device="cpu")
     raw = diffusion.load(model_file, device="cpu", weights="net")

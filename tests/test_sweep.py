@@ -291,13 +291,14 @@ def test_guidance_for_unconditional_models_fails_in_one_line(tmp_path, monkeypat
 
 
 # ------------------------------------------------------------------ a killed sweep resumes
-def count_cells(monkeypatch: pytest.MonkeyPatch, calls: list[int], stop_after: int | None = None):
-    """Count the cells' sampling calls (n = 16; the warm-up draws 8), raising KeyboardInterrupt,
-    as Ctrl-C would, at the call after ``stop_after`` cells."""
+def count_batches(monkeypatch: pytest.MonkeyPatch, calls: list[int], stop_after: int | None = None):
+    """Count the cells' sampling calls (one per batch of 8, two per cell; the warm-up's draw has
+    no generator), raising KeyboardInterrupt, as Ctrl-C would, at the call after
+    ``stop_after`` batches."""
     real = DiffusionModel.sample
 
     def sample(self, n, *args, **kwargs):
-        if n == TINY["sweep"]["n_samples"]:
+        if kwargs.get("generator") is not None:
             if stop_after is not None and len(calls) == stop_after:
                 raise KeyboardInterrupt
             calls.append(kwargs["steps"])
@@ -306,36 +307,60 @@ def count_cells(monkeypatch: pytest.MonkeyPatch, calls: list[int], stop_after: i
     monkeypatch.setattr(DiffusionModel, "sample", sample)
 
 
-def test_a_killed_sweep_resumes_from_its_done_cells_to_the_unbroken_table(
+def test_a_killed_sweep_resumes_from_its_done_cells_and_batches_to_the_unbroken_table(
         swept, tmp_path, monkeypatch, capsys):
     root = build_inputs(tmp_path)
     first: list[int] = []
     with pytest.MonkeyPatch.context() as patch:
-        count_cells(patch, first, stop_after=5)
+        count_batches(patch, first, stop_after=11)  # 5 cells and the first batch of the 6th
         with pytest.raises(KeyboardInterrupt):
             run_stage(root, patch)
     [state_file] = (root / ".resume").glob("sweep-*.json")
     state = json.loads(state_file.read_text())
     assert sum(map(len, state["cells"].values())) == 5 and not (root / "results").exists()
+    part = sweep.load_partial(sweep.partial_file(state_file), torch.device("cpu"), 16, 8)
+    assert (part.column, part.steps, len(part.images)) == ("ddgm_ancestral", STEPS[2], 8)
     _, runs = mlflow_runs(root)
     assert [r.info.status for r in runs] == ["KILLED"] and runs[0].info.run_id == state["run_id"]
 
     second: list[int] = []
-    count_cells(monkeypatch, second)
+    count_batches(monkeypatch, second)
     run_stage(root, monkeypatch)
-    assert "resuming with 5 cells done" in capsys.readouterr().out
-    assert len(second) == len(COLUMNS) * len(STEPS) - 5  # only the cells not done before
+    assert (f"resuming with 5 cells done and 8 of 16 images of ddgm_ancestral at {STEPS[2]} "
+            "steps") in capsys.readouterr().out
+    assert len(second) == 2 * (len(COLUMNS) * len(STEPS) - 5) - 1  # only the batches not drawn
     table = json.loads((root / "results/sweep/table.json").read_text())
     unbroken = json.loads((swept / "results/sweep/table.json").read_text())
-    assert table.keys() == unbroken.keys()
-    for c in COLUMNS:
-        assert table[c] == pytest.approx(unbroken[c])
+    assert table == unbroken  # the same images, so the same scores
     assert not list((root / ".resume").iterdir())
     client, runs = mlflow_runs(root)  # the killed run reopened, every FID curve whole
     [run] = runs
     assert run.info.status == "FINISHED" and run.info.run_id == state["run_id"]
     for c in COLUMNS:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, f"fid_{c}")) == STEPS
+
+
+def test_a_part_drawn_cell_that_does_not_fit_the_sweep_is_ignored_and_said(tmp_path, capsys):
+    path = tmp_path / "sweep-0123.part.pt"
+    cell = evaluation.PartialCell("ddpm_ddim", 3, torch.zeros(8, 28, 28, dtype=torch.uint8),
+                                  torch.Generator().get_state(), 1.5)
+    cpu = torch.device("cpu")
+    sweep.save_partial(cell, cpu, path)
+    loaded = sweep.load_partial(path, cpu, 16, 8)
+    assert (loaded.column, loaded.steps, loaded.seconds) == ("ddpm_ddim", 3, 1.5)
+    assert torch.equal(loaded.images, cell.images)
+    assert torch.equal(loaded.generator_state, cell.generator_state)
+    assert capsys.readouterr().err == ""
+    for device, n, batch_size, problem in [
+            (torch.device("cuda"), 16, 8, "drawn on cpu, this sweep runs on cuda"),
+            (cpu, 8, 8, "8 images, not whole batches of 8 below 8"),
+            (cpu, 16, 5, "8 images, not whole batches of 5 below 16")]:
+        assert sweep.load_partial(path, device, n, batch_size) is None
+        assert f"ignores its part-drawn cell {path}: {problem}" in capsys.readouterr().err
+    path.write_bytes(path.read_bytes()[:100])
+    assert sweep.load_partial(path, cpu, 16, 8) is None
+    assert "truncated or damaged" in capsys.readouterr().err
+    assert sweep.load_partial(tmp_path / "none.part.pt", cpu, 16, 8) is None
 
 
 def test_the_resume_state_is_keyed_by_params_and_models_and_a_bad_one_is_ignored(
