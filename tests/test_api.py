@@ -72,6 +72,7 @@ def test_batches_drawn_one_call_at_a_time_from_one_generator_are_the_whole_draw(
     generator.manual_seed(3)  # seeded again, it starts the draw again
     assert torch.equal(model.sample(3, steps=5, sampler=sampler, generator=generator), whole[:3])
 
+
 def test_ema_and_raw_weights_differ(model_file: Path):
     ema = diffusion.load(model_file, device="cpu")
     raw = diffusion.load(model_file, device="cpu", weights="net")
