@@ -171,10 +171,8 @@ def sweep(models: dict[str, DiffusionModel], reference: Reference, *, steps: Ite
                     if str(count) in earlier:
                         cells[str(count)] = earlier[str(count)]
                         continue
-                    begun = partial if partial and (partial.column, partial.steps) == (row, count) \
-                        else None
                     images, seconds = draw_cell(
-                        model, row, count, n, batch_size, seed, labels, begun, on_batch,
+                        model, row, count, n, batch_size, seed, labels, partial, on_batch,
                         sampler=sampler, eta=eta, clip_x0=clip_x0, prior=prior, guidance=w)
                     scores = reference.score(images, labels)
                     kept = (*keep, CONDITIONAL_ACCURACY) if digits else keep
@@ -191,10 +189,11 @@ def draw_cell(model: DiffusionModel, column: str, steps: int, n: int, batch_size
               **sampling) -> tuple[torch.Tensor, float]:
     """One sweep cell's ``n`` uint8 images and their sampling seconds: ``model.sample`` of
     ``n`` from ``seed`` in batches of ``batch_size``, drawn one batch per call (the same
-    images, ``DiffusionModel.sample``), from ``partial`` on if given (see ``sweep``)."""
+    images, ``DiffusionModel.sample``), from ``partial`` on if it is this cell's (see
+    ``sweep``)."""
     generator = torch.Generator(model.device).manual_seed(seed)
     parts, seconds = [], 0.0
-    if partial is not None:
+    if partial is not None and (partial.column, partial.steps) == (column, steps):
         parts, seconds = [partial.images], partial.seconds
         generator.set_state(partial.generator_state)
     for start in range(sum(len(p) for p in parts), n, batch_size):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -70,9 +71,7 @@ def partial_file(resume: Path) -> Path:
 
 
 def save_partial(cell: PartialCell, device: torch.device, path: Path) -> None:
-    save_torch({"column": cell.column, "steps": cell.steps, "images": cell.images,
-                "generator_state": cell.generator_state, "seconds": cell.seconds,
-                "device": device.type}, path)
+    save_torch({**asdict(cell), "device": device.type}, path)
 
 
 def load_partial(path: Path, device: torch.device, n: int, batch_size: int) -> PartialCell | None:
@@ -81,16 +80,15 @@ def load_partial(path: Path, device: torch.device, n: int, batch_size: int) -> P
     if not path.is_file():
         return None
     try:
-        state = load_torch(path, expect=("column", "steps", "images", "generator_state",
-                                         "seconds", "device"), kind="sweep cell")
+        keys = [f.name for f in fields(PartialCell)]
+        state = load_torch(path, expect=(*keys, "device"), kind="sweep cell")
         drawn = len(state["images"])
         if state["device"] != device.type:  # a generator's state is its device's own
             problem = f"drawn on {state['device']}, this sweep runs on {device.type}"
         elif not (0 < drawn < n and drawn % batch_size == 0):
             problem = f"{drawn} images, not whole batches of {batch_size} below {n}"
         else:
-            return PartialCell(state["column"], state["steps"], state["images"],
-                               state["generator_state"], state["seconds"])
+            return PartialCell(**{k: state[k] for k in keys})
     except ModelFileError as error:
         problem = str(error)
     print(f"sweep: ignores its part-drawn cell {path}: {problem}", file=sys.stderr)
